@@ -1,0 +1,22 @@
+# VoxelFM: CT ingestion -> self-distillation pretraining -> frozen-feature probes -> report.
+# Thin on purpose: every rule calls the `voxelfm` command-line tool; all logic is in voxelfm/.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/ingest.smk"
+include: "workflow/rules/pretrain.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

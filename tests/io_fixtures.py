@@ -1,0 +1,183 @@
+"""Builders of small synthetic CT inputs, good and bad, in a given folder.
+
+Each ``make_*`` takes a folder (e.g. pytest's ``tmp_path``) and returns the path to pass to
+a reader. ``BAD_INPUTS`` maps a case name to (builder, words the InputError reason must
+contain), so ingestion tests can reuse the same broken inputs at shard level.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from voxelfm.io.dicom_write import write_dicom_series
+
+AIR_HU = -1000.0
+MARKER_HU = 1000.0
+
+
+def synthetic_ct(
+    size: tuple[int, int, int] = (12, 10, 8),
+    spacing: tuple[float, float, float] = (0.8, 0.9, 2.0),
+    origin: tuple[float, float, float] = (-40.0, 25.0, 100.0),
+    direction: np.ndarray | None = None,
+    marker_index: tuple[int, int, int] | None = None,
+    seed: int = 0,
+) -> sitk.Image:
+    """A float32 HU image (LPS world): soft-tissue noise around 40 HU, air in the first
+    i-column, and a MARKER_HU voxel at ``marker_index`` (i, j, k) if given."""
+    rng = np.random.default_rng(seed)
+    voxels = rng.normal(40.0, 20.0, size=size[::-1]).round().astype(np.float32)  # (k, j, i)
+    voxels[:, :, 0] = AIR_HU
+    if marker_index is not None:
+        i, j, k = marker_index
+        voxels[k, j, i] = MARKER_HU
+    image = sitk.GetImageFromArray(voxels)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(np.asarray(direction, dtype=float).ravel().tolist())
+    return image
+
+
+def write_nifti(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+# --- bad inputs -------------------------------------------------------------------------
+
+
+def make_truncated_gzip_nifti(folder: Path) -> Path:
+    whole = write_nifti(synthetic_ct(), folder / "whole.nii.gz")
+    data = whole.read_bytes()
+    path = folder / "truncated.nii.gz"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def make_truncated_raw_nifti(folder: Path) -> Path:
+    whole = write_nifti(synthetic_ct(), folder / "whole.nii")
+    data = whole.read_bytes()
+    path = folder / "truncated.nii"
+    path.write_bytes(data[: len(data) - 100])
+    return path
+
+
+def make_empty_file(folder: Path) -> Path:
+    path = folder / "empty.nii.gz"
+    path.touch()
+    return path
+
+
+def make_not_an_image(folder: Path) -> Path:
+    path = folder / "notes.nii.gz"
+    path.write_bytes(gzip.compress(b"this is a text file, not an image\n" * 20))
+    return path
+
+
+def make_unsupported_suffix(folder: Path) -> Path:
+    path = folder / "scan.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    return path
+
+
+def make_two_series_folder(folder: Path) -> Path:
+    first = write_dicom_series(synthetic_ct(seed=1), folder / "first")
+    second = write_dicom_series(synthetic_ct(seed=2), folder / "second")
+    both = folder / "two_series"
+    both.mkdir()
+    for n, file in enumerate(first + second):
+        shutil.move(file, both / f"{n:04d}.dcm")
+    return both
+
+
+def make_series_with_missing_slice(folder: Path) -> Path:
+    write_dicom_series(synthetic_ct(), folder / "missing_slice", skip_slices=[4])
+    return folder / "missing_slice"
+
+
+def make_uneven_series(folder: Path) -> Path:
+    """Slices 0-3 at 2 mm steps, then 3 mm steps: no single gap looks like a missing slice."""
+    image = synthetic_ct(size=(6, 5, 12))
+    files = write_dicom_series(image, folder / "uneven")
+    for k, file in enumerate(files):
+        dataset = pydicom.dcmread(file)
+        z = 2.0 * min(k, 3) + 3.0 * max(k - 3, 0)
+        dataset.ImagePositionPatient = [*image.GetOrigin()[:2], image.GetOrigin()[2] + z]
+        dataset.save_as(file)
+    return folder / "uneven"
+
+
+def make_mr_series(folder: Path) -> Path:
+    write_dicom_series(synthetic_ct(), folder / "mr", modality="MR")
+    return folder / "mr"
+
+
+def make_2d_image(folder: Path) -> Path:
+    path = folder / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), path)
+    return path
+
+
+def make_single_slice_3d_image(folder: Path) -> Path:
+    path = folder / "one_slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 1), np.int16), np.eye(4)), path)
+    return path
+
+
+def make_4d_image(folder: Path) -> Path:
+    path = folder / "dynamic.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.int16), np.eye(4)), path)
+    return path
+
+
+def make_nan_nifti(folder: Path) -> Path:
+    voxels = np.zeros((8, 8, 8), np.float32)
+    voxels[2, 3, 4] = np.nan
+    voxels[5, 5, 5] = np.inf
+    path = folder / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(voxels, np.eye(4)), path)
+    return path
+
+
+def make_single_dicom_file(folder: Path) -> Path:
+    return write_dicom_series(synthetic_ct(), folder / "series")[0]
+
+
+def make_empty_folder(folder: Path) -> Path:
+    path = folder / "no_dicom"
+    path.mkdir()
+    (path / "readme.txt").write_text("no images here")
+    return path
+
+
+def nonexistent_path(folder: Path) -> Path:
+    return folder / "does_not_exist.nii.gz"
+
+
+BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "truncated_gzip": (make_truncated_gzip_nifti, "truncated"),
+    "truncated_raw_nifti": (make_truncated_raw_nifti, "truncated"),
+    "empty_file": (make_empty_file, "empty"),
+    "not_an_image": (make_not_an_image, "NIfTI"),
+    "unsupported_suffix": (make_unsupported_suffix, "unsupported file type"),
+    "two_series": (make_two_series_folder, "holds 2 DICOM series"),
+    "missing_slice": (make_series_with_missing_slice, "missing slice"),
+    "uneven_spacing": (make_uneven_series, "uneven slice spacing"),
+    "mr_series": (make_mr_series, "modality is MR"),
+    "2d_image": (make_2d_image, "not a 3D volume"),
+    "single_slice": (make_single_slice_3d_image, "not a 3D volume"),
+    "4d_image": (make_4d_image, "4D with 3 volumes"),
+    "nan_voxels": (make_nan_nifti, "2 NaN or infinite voxels"),
+    "single_dicom_file": (make_single_dicom_file, "single DICOM file"),
+    "folder_without_dicom": (make_empty_folder, "no DICOM series"),
+    "nonexistent": (nonexistent_path, "does not exist"),
+}

@@ -1,0 +1,1 @@
+"""Self-distillation losses, one per module, as in dinov2."""

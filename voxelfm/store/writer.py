@@ -1,0 +1,189 @@
+"""Write one preprocessed scan into a shard store, all or nothing.
+
+The scan group is built under a hidden temporary name in the same store and renamed to
+``<scan_id>`` once complete (see ``layout``). A process killed mid-write leaves only a
+``.partial-*`` directory, which readers never list and ``remove_partial_scans`` deletes.
+The rename is atomic on POSIX file systems; files are not fsynced, so the guarantee covers
+killed processes, not power loss.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.codec import BytesBytesCodec
+
+from voxelfm.conventions import HU_MAX, HU_MIN, PREPROCESSING_VERSION
+from voxelfm.store.codecs import DEFAULT_CHUNKS, DEFAULT_COMPRESSOR
+from voxelfm.store.layout import (
+    IMAGE_ARRAY,
+    LABELS_GROUP,
+    PARTIAL_PREFIX,
+    SAFE_NAME_RULE,
+    is_safe_name,
+    list_partial_scans,
+)
+from voxelfm.volume import CanonicalVolume
+
+# Provenance copied from CanonicalVolume.meta into the scan attributes. An allow-list, not a
+# deny-list, so a reader that puts a DICOM header field into meta can never leak it here.
+PROVENANCE_KEYS: tuple[str, ...] = (
+    "original_shape",
+    "original_spacing",
+    "original_axcodes",
+    "source_format",
+    "source_sha256",
+    "preprocessing_version",
+    "hu_range",
+    "warnings",
+)
+_PROVENANCE_DEFAULTS: dict[str, Any] = {
+    "preprocessing_version": PREPROCESSING_VERSION,
+    "hu_range": [HU_MIN, HU_MAX],
+    "warnings": [],
+}
+
+
+def open_store_for_writing(store_path: str | os.PathLike) -> zarr.Group:
+    """The root group of a shard store, created when missing."""
+    return zarr.open_group(Path(store_path), mode="a", zarr_format=3)
+
+
+def write_scan(
+    store_path: str | os.PathLike,
+    scan_id: str,
+    patient_id: str,
+    volume: CanonicalVolume,
+    *,
+    chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
+    compressor: BytesBytesCodec | None = DEFAULT_COMPRESSOR,
+    input_fingerprint: str | None = None,
+    qc: Mapping[str, Any] | None = None,
+) -> None:
+    """Store ``volume`` as group ``scan_id`` of the shard store at ``store_path``.
+
+    Replaces an existing scan of the same id. ``input_fingerprint`` (a digest of the inputs
+    and preprocessing parameters) and ``qc`` (per-scan quality numbers) are kept in the
+    attributes so a resumed shard can skip the scan and still report its QC.
+    """
+    if not is_safe_name(scan_id):
+        raise ValueError(f"scan_id {scan_id!r} {SAFE_NAME_RULE}")
+    store_path = Path(store_path)
+    root = open_store_for_writing(store_path)
+    partial_name = f"{PARTIAL_PREFIX}{scan_id}.{uuid.uuid4().hex}"
+    compressors = () if compressor is None else (compressor,)
+    try:
+        group = root.create_group(partial_name)
+        group.create_array(
+            IMAGE_ARRAY,
+            data=np.ascontiguousarray(volume.image, dtype=np.int16),
+            chunks=chunks,
+            compressors=compressors,
+            fill_value=HU_MIN,
+        )
+        if volume.labels:
+            labels_group = group.create_group(LABELS_GROUP)
+            for name, label in sorted(volume.labels.items()):
+                if not is_safe_name(name):
+                    raise ValueError(f"label name {name!r} {SAFE_NAME_RULE}")
+                labels_group.create_array(
+                    name,
+                    data=_as_label_dtype(label, scan_id, name),
+                    chunks=chunks,
+                    compressors=compressors,
+                    fill_value=0,
+                )
+        group.attrs.update(_scan_attributes(scan_id, patient_id, volume, input_fingerprint, qc))
+        _commit(store_path / partial_name, store_path / scan_id)
+    finally:
+        shutil.rmtree(store_path / partial_name, ignore_errors=True)
+
+
+def delete_scan(store_path: str | os.PathLike, scan_id: str) -> None:
+    """Remove scan ``scan_id`` from the store if present (hiding it first, atomically)."""
+    if not is_safe_name(scan_id):
+        raise ValueError(f"scan_id {scan_id!r} {SAFE_NAME_RULE}")
+    final = Path(store_path) / scan_id
+    if final.is_dir():
+        doomed = final.with_name(f"{PARTIAL_PREFIX}deleted-{scan_id}.{uuid.uuid4().hex}")
+        os.rename(final, doomed)
+        shutil.rmtree(doomed)
+
+
+def remove_partial_scans(store_path: str | os.PathLike) -> int:
+    """Delete leftovers of interrupted writes; only safe while no writer uses the store."""
+    leftovers = list_partial_scans(store_path)
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(leftovers)
+
+
+def _commit(partial: Path, final: Path) -> None:
+    # rename() cannot replace a non-empty directory, so an existing scan is first moved aside
+    # under a hidden name: readers briefly see no scan, never a half-written one.
+    if final.exists():
+        doomed = final.with_name(f"{PARTIAL_PREFIX}replaced-{final.name}.{uuid.uuid4().hex}")
+        os.rename(final, doomed)
+        os.rename(partial, final)
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        os.rename(partial, final)
+
+
+def _as_label_dtype(label: np.ndarray, scan_id: str, name: str) -> np.ndarray:
+    """Label maps are stored as uint8 when they fit, else uint16."""
+    if label.size and (label.min() < 0 or label.max() > np.iinfo(np.uint16).max):
+        raise ValueError(
+            f"scan {scan_id!r} label {name!r}: values must lie in 0..65535, "
+            f"got {label.min()}..{label.max()}"
+        )
+    if not np.array_equal(label, np.round(label)):
+        raise ValueError(f"scan {scan_id!r} label {name!r}: values must be integers")
+    dtype = np.uint8 if label.size == 0 or label.max() <= np.iinfo(np.uint8).max else np.uint16
+    return np.ascontiguousarray(label, dtype=dtype)
+
+
+def _scan_attributes(
+    scan_id: str,
+    patient_id: str,
+    volume: CanonicalVolume,
+    input_fingerprint: str | None,
+    qc: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    provenance = {key: volume.meta.get(key, _PROVENANCE_DEFAULTS.get(key)) for key in PROVENANCE_KEYS}
+    attrs = {
+        "scan_id": scan_id,
+        "patient_id": str(patient_id),
+        "shape": list(volume.image.shape),
+        "spacing": list(volume.spacing),
+        "origin": list(volume.origin),
+        "axcodes": "".join(volume.axcodes),
+        "affine": volume.affine.tolist(),
+        **provenance,
+        "labels": sorted(volume.labels),
+        "input_fingerprint": input_fingerprint,
+        "qc": dict(qc) if qc is not None else None,
+    }
+    return _to_json(attrs)
+
+
+def _to_json(value: Any) -> Any:
+    """Plain JSON types from numpy scalars/arrays and tuples, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _to_json(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # JSON has no NaN; a missing number reads as null
+    return value
