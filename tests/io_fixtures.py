@@ -29,16 +29,19 @@ def synthetic_ct(
     origin: tuple[float, float, float] = (-40.0, 25.0, 100.0),
     direction: np.ndarray | None = None,
     marker_index: tuple[int, int, int] | None = None,
+    marker_radius: int = 0,
     seed: int = 0,
 ) -> sitk.Image:
     """A float32 HU image (LPS world): soft-tissue noise around 40 HU, air in the first
-    i-column, and a MARKER_HU voxel at ``marker_index`` (i, j, k) if given."""
+    i-column, and a MARKER_HU cube of (2 * marker_radius + 1) voxels a side centred on
+    ``marker_index`` (i, j, k) if given."""
     rng = np.random.default_rng(seed)
     voxels = rng.normal(40.0, 20.0, size=size[::-1]).round().astype(np.float32)  # (k, j, i)
     voxels[:, :, 0] = AIR_HU
     if marker_index is not None:
         i, j, k = marker_index
-        voxels[k, j, i] = MARKER_HU
+        r = marker_radius
+        voxels[k - r : k + r + 1, j - r : j + r + 1, i - r : i + r + 1] = MARKER_HU
     image = sitk.GetImageFromArray(voxels)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -68,6 +71,22 @@ def make_truncated_raw_nifti(folder: Path) -> Path:
     data = whole.read_bytes()
     path = folder / "truncated.nii"
     path.write_bytes(data[: len(data) - 100])
+    return path
+
+
+def make_truncated_nrrd(folder: Path) -> Path:
+    return _truncated_itk_file(folder, "nrrd")
+
+
+def make_truncated_mha(folder: Path) -> Path:
+    return _truncated_itk_file(folder, "mha")
+
+
+def _truncated_itk_file(folder: Path, suffix: str) -> Path:
+    path = folder / f"truncated.{suffix}"
+    sitk.WriteImage(synthetic_ct(), str(path), useCompression=True)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
     return path
 
 
@@ -166,6 +185,8 @@ def nonexistent_path(folder: Path) -> Path:
 BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "truncated_gzip": (make_truncated_gzip_nifti, "truncated"),
     "truncated_raw_nifti": (make_truncated_raw_nifti, "truncated"),
+    "truncated_nrrd": (make_truncated_nrrd, "cannot be read as nrrd"),
+    "truncated_mha": (make_truncated_mha, "cannot be read as metaimage"),
     "empty_file": (make_empty_file, "empty"),
     "not_an_image": (make_not_an_image, "NIfTI"),
     "unsupported_suffix": (make_unsupported_suffix, "unsupported file type"),

@@ -6,8 +6,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from io_fixtures import synthetic_ct
+
 from voxelfm.io.dicom_write import write_dicom_series
 
 OBLIQUE = sitk.Euler3DTransform((0, 0, 0), 0.3, -0.2, 0.5).GetMatrix()  # flattened 3x3
@@ -40,7 +40,9 @@ def test_round_trip_through_simpleitk_keeps_hu_and_geometry(tmp_path, direction)
 )
 def test_stored_values_and_rescale_tags(tmp_path, slope, intercept, stored_dtype):
     image = synthetic_ct()
-    files = write_dicom_series(image, tmp_path / "s", rescale_slope=slope, rescale_intercept=intercept)
+    files = write_dicom_series(
+        image, tmp_path / "s", rescale_slope=slope, rescale_intercept=intercept
+    )
     hu = sitk.GetArrayFromImage(image)  # (k, j, i)
     for k, file in enumerate(files):
         dataset = pydicom.dcmread(file)
@@ -56,7 +58,9 @@ def test_slice_positions_follow_the_direction_matrix(tmp_path):
     for k, file in enumerate(files):
         dataset = pydicom.dcmread(file, stop_before_pixels=True)
         expected = np.array(image.GetOrigin()) + k * image.GetSpacing()[2] * direction[:, 2]
-        np.testing.assert_allclose([float(v) for v in dataset.ImagePositionPatient], expected, atol=1e-4)
+        np.testing.assert_allclose(
+            [float(v) for v in dataset.ImagePositionPatient], expected, atol=1e-4
+        )
         np.testing.assert_allclose(
             [float(v) for v in dataset.ImageOrientationPatient],
             np.r_[direction[:, 0], direction[:, 1]],
@@ -80,11 +84,15 @@ def test_skip_slices_and_gantry_tilt(tmp_path):
         assert float(dataset.GantryDetectorTilt) == tilt
         # identity direction: the shear moves slice k along +y (the column direction)
         expected = np.array(image.GetOrigin()) + [0, k * dz * np.tan(np.radians(tilt)), k * dz]
-        np.testing.assert_allclose([float(v) for v in dataset.ImagePositionPatient], expected, atol=1e-4)
+        np.testing.assert_allclose(
+            [float(v) for v in dataset.ImagePositionPatient], expected, atol=1e-4
+        )
 
 
 def test_uids_are_shared_within_a_series_and_unique_per_slice(tmp_path):
-    files = write_dicom_series(synthetic_ct(), tmp_path / "s", series_instance_uid="1.2.3.4", patient_id="SYN-001")
+    files = write_dicom_series(
+        synthetic_ct(), tmp_path / "s", series_instance_uid="1.2.3.4", patient_id="SYN-001"
+    )
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     assert {d.SeriesInstanceUID for d in datasets} == {"1.2.3.4"}
     assert len({d.StudyInstanceUID for d in datasets}) == 1

@@ -33,7 +33,9 @@ def test_file_formats_read_identical_voxels_and_geometry(tmp_path, suffix):
     path = write_nifti(source, tmp_path / f"ct{suffix}")
     image, meta = read_image(path)
     assert image.GetPixelID() == sitk.sitkFloat32
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(source))
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(source)
+    )
     np.testing.assert_allclose(image.GetDirection(), source.GetDirection(), atol=1e-6)
     np.testing.assert_allclose(image.GetOrigin(), source.GetOrigin(), atol=1e-4)
     assert meta["original_shape"] == list(source.GetSize())
@@ -53,7 +55,9 @@ def test_nifti_scl_slope_and_inter_are_applied_once(tmp_path):
     np.testing.assert_array_equal(hu, stored * 2.0 - 1024.0)
 
 
-@pytest.mark.parametrize("slope, intercept", [(1.0, -1024.0), (1.0, 0.0), (0.5, -1000.0), (2.0, -3000.0)])
+@pytest.mark.parametrize(
+    "slope, intercept", [(1.0, -1024.0), (1.0, 0.0), (0.5, -1000.0), (2.0, -3000.0)]
+)
 def test_dicom_rescale_is_applied_once(tmp_path, slope, intercept):
     source = synthetic_ct()
     write_dicom_series(source, tmp_path / "s", rescale_slope=slope, rescale_intercept=intercept)
@@ -94,17 +98,23 @@ def test_gantry_tilt_keeps_every_slice_where_its_header_puts_it(tmp_path):
         row, column = np.array(header.ImageOrientationPatient, dtype=float).reshape(2, 3)
         dy, dx = (float(v) for v in header.PixelSpacing)
         expected = corner + 4 * dx * row + 3 * dy * column  # pixel at column 4, row 3
-        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((4, 3, k)), expected, atol=1e-4)
+        np.testing.assert_allclose(
+            image.TransformIndexToPhysicalPoint((4, 3, k)), expected, atol=1e-4
+        )
 
 
 def test_two_series_folder_reads_the_series_asked_for(tmp_path):
     folder = make_two_series_folder(tmp_path)
-    uids = sorted({pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in folder.iterdir()})
+    uids = sorted(
+        {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in folder.iterdir()}
+    )
     seeds_seen = set()
     for uid in uids:
         image, _ = read_image(folder, series_uid=uid)
         for seed in (1, 2):
-            if np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(synthetic_ct(seed=seed))):
+            if np.array_equal(
+                sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(synthetic_ct(seed=seed))
+            ):
                 seeds_seen.add(seed)
     assert seeds_seen == {1, 2}
     with pytest.raises(InputError, match="no series with the given series_uid"):

@@ -33,7 +33,9 @@ def _worker(rank: int, init_file: str) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
     )
     try:
-        torch.testing.assert_close(sinkhorn_knopp(logits[rows], temperature=0.2), sinkhorn_reference)
+        torch.testing.assert_close(
+            sinkhorn_knopp(logits[rows], temperature=0.2), sinkhorn_reference
+        )
 
         targets = TeacherTargets(5, "centring")
         targets(logits[rows], 0.1)

@@ -42,7 +42,9 @@ def settings_by_name(groups):
 
 @pytest.fixture
 def student():
-    return nn.ModuleDict({"backbone": TinyViT(), "dino_head": DINOHead(4, 8, hidden_dim=6, bottleneck_dim=3)})
+    return nn.ModuleDict(
+        {"backbone": TinyViT(), "dino_head": DINOHead(4, 8, hidden_dim=6, bottleneck_dim=3)}
+    )
 
 
 def test_layerwise_decay_and_no_decay_parameters(student):

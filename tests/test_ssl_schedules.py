@@ -21,17 +21,34 @@ def numpy_voxelfm_curve(start, peak, end, warmup, total, cosine=None) -> np.ndar
 @pytest.mark.parametrize(
     "params",
     [
-        dict(start=0.0, peak=1e-3, end=1e-6, warmup=10, total=100),  # lr
-        dict(start=0.04, peak=0.04, end=0.2, warmup=0, total=50),  # weight decay
-        dict(start=0.04, peak=0.07, end=0.07, warmup=30, total=100),  # teacher temperature
-        dict(start=0.0, peak=1.0, end=0.5, warmup=5, total=40, cosine=20),  # constant tail
+        {"start": 0.0, "peak": 1e-3, "end": 1e-6, "warmup": 10, "total": 100},  # lr
+        {"start": 0.04, "peak": 0.04, "end": 0.2, "warmup": 0, "total": 50},  # weight decay
+        {
+            "start": 0.04,
+            "peak": 0.07,
+            "end": 0.07,
+            "warmup": 30,
+            "total": 100,
+        },  # teacher temperature
+        {
+            "start": 0.0,
+            "peak": 1.0,
+            "end": 0.5,
+            "warmup": 5,
+            "total": 40,
+            "cosine": 20,
+        },  # constant tail
     ],
 )
 def test_schedule_equals_voxelfm_array(params):
     expected = numpy_voxelfm_curve(**params)
     schedule = WarmupCosineSchedule(
-        params["start"], params["peak"], params["end"], params["warmup"], params["total"],
-        params.get("cosine"),
+        start=params["start"],
+        peak=params["peak"],
+        end=params["end"],
+        warmup_iters=params["warmup"],
+        total_iters=params["total"],
+        cosine_iters=params.get("cosine"),
     )
     np.testing.assert_allclose([schedule(i) for i in range(params["total"])], expected, rtol=1e-12)
 
@@ -59,8 +76,10 @@ def test_voxelfm_schedules_by_epoch_with_last_layer_freeze():
     assert first.last_layer_lr == 0.0 and first.lr == 0.0
     assert schedules.at(per_epoch - 1).last_layer_lr == 0.0
     assert after_freeze.last_layer_lr == after_freeze.lr == pytest.approx(1e-4)
-    assert first.weight_decay == pytest.approx(0.04) and last.weight_decay == pytest.approx(0.2)
-    assert first.teacher_momentum == pytest.approx(0.994) and last.teacher_momentum == pytest.approx(1.0)
+    assert first.weight_decay == pytest.approx(0.04)
+    assert last.weight_decay == pytest.approx(0.2)
+    assert first.teacher_momentum == pytest.approx(0.994)
+    assert last.teacher_momentum == pytest.approx(1.0)
     assert first.teacher_temp == pytest.approx(0.04)
     assert schedules.at(150).teacher_temp == pytest.approx(0.055)  # half-way through warmup
     assert schedules.at(300).teacher_temp == pytest.approx(0.07)

@@ -101,7 +101,9 @@ def to_canonical(
     Returns (array float32 (X, Y, Z), spacing (3,) mm, origin RAS mm of voxel (0, 0, 0)).
     """
     if interpolator not in _INTERPOLATORS:
-        raise ValueError(f"interpolator must be one of {sorted(_INTERPOLATORS)}, got {interpolator!r}")
+        raise ValueError(
+            f"interpolator must be one of {sorted(_INTERPOLATORS)}, got {interpolator!r}"
+        )
     grid = reference if reference is not None else CanonicalGrid.covering(image, spacing)
     if interpolator == "linear" and antialias:
         image = _smooth_before_downsampling(image, grid)
@@ -117,7 +119,9 @@ def to_canonical(
     return array, grid.spacing, grid.origin
 
 
-def antialias_sigmas_mm(image: sitk.Image, target_spacing: tuple[float, float, float]) -> np.ndarray:
+def antialias_sigmas_mm(
+    image: sitk.Image, target_spacing: tuple[float, float, float]
+) -> np.ndarray:
     """(3,) Gaussian sigma in mm per image axis before resampling to ``target_spacing`` (RAS).
 
     Along an axis resampled from spacing s to a coarser S, sigma = (s / 2) * sqrt((S / s)^2 - 1):

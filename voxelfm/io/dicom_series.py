@@ -22,12 +22,14 @@ name files by their SOPInstanceUID.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
 
 from voxelfm.errors import InputError
 from voxelfm.io.sitk_errors import itk_error_reason
@@ -109,7 +111,7 @@ def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
 def _read_header(folder: Path, file: Path, k: int, n: int) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(file, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except Exception as error:  # pydicom raises many types for damaged files
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, struct.error) as error:
         raise InputError(folder, f"file {k + 1} of {n} has an unreadable header: {error}")
 
 
@@ -120,8 +122,9 @@ def _check_modality(folder: Path, headers: list[pydicom.Dataset]) -> None:
         raise InputError(folder, f"modality is {found}; only CT series are supported")
     if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
         raise InputError(
-            folder, "holds multi-frame (enhanced) DICOM, which is not supported; "
-            "convert it to NIfTI first (e.g. with dcm2niix)"
+            folder,
+            "holds multi-frame (enhanced) DICOM, which is not supported; "
+            "convert it to NIfTI first (e.g. with dcm2niix)",
         )
 
 
@@ -145,9 +148,11 @@ def _slice_geometry(
     folder: Path, headers: list[pydicom.Dataset]
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], list[str]]:
     """Slice order, 3x3 LPS direction (columns: i, j, k steps), spacing, warnings."""
-    orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient])
-    row_cosines, column_cosines = orientation[:3], orientation[3:]
+    orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient]).reshape(2, 3)
+    # Decimal strings carry ~6 digits; renormalise so the direction matrix is orthonormal.
+    row_cosines, column_cosines = orientation / np.linalg.norm(orientation, axis=1, keepdims=True)
     normal = np.cross(row_cosines, column_cosines)
+    normal /= np.linalg.norm(normal)
     positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])  # (N, 3)
     along_normal = positions @ normal
     order = np.argsort(along_normal, kind="stable")
@@ -158,8 +163,9 @@ def _slice_geometry(
     median_gap = float(np.median(gaps))
     if gaps.min() < 1e-3:
         raise InputError(
-            folder, "two slices share a position (duplicate slices, or several phases in one "
-            "series); point at a single-phase series"
+            folder,
+            "two slices share a position (duplicate slices, or several phases in one "
+            "series); point at a single-phase series",
         )
     widest = int(np.argmax(gaps))
     if gaps[widest] > MISSING_SLICE_GAP_RATIO * median_gap:

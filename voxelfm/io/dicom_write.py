@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
 # SOP classes of the modalities we write; anything else becomes Secondary Capture.

@@ -43,4 +43,3 @@ def ras_bounding_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     corner_indices = np.array(list(itertools.product(*[(-0.5, s - 0.5) for s in size])))  # (8, 3)
     corners = ras_affine(image) @ np.c_[corner_indices, np.ones(len(corner_indices))].T  # (4, 8)
     return corners[:3].min(axis=1), corners[:3].max(axis=1)
-

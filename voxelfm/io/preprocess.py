@@ -64,9 +64,7 @@ def preprocess_scan(
     labels: dict[str, np.ndarray] = {}
     label_meta: dict[str, Any] = {}
     for name, label_path in (label_paths or {}).items():
-        labels[name], label_meta[name] = _canonical_label(
-            name, label_path, image, grid, warnings
-        )
+        labels[name], label_meta[name] = _canonical_label(name, label_path, image, grid, warnings)
 
     meta = {
         **{key: value for key, value in source_meta.items() if key != "warnings"},
@@ -90,7 +88,11 @@ def _check_hu_range(hu_range: tuple[int, int]) -> tuple[int, int]:
 
 
 def _canonical_label(
-    name: str, label_path: str | os.PathLike, image: sitk.Image, grid: CanonicalGrid, warnings: list[str]
+    name: str,
+    label_path: str | os.PathLike,
+    image: sitk.Image,
+    grid: CanonicalGrid,
+    warnings: list[str],
 ) -> tuple[np.ndarray, dict[str, Any]]:
     label, meta = read_image(label_path)
     values = sitk.GetArrayViewFromImage(label)

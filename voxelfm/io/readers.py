@@ -21,6 +21,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
 
 from voxelfm.errors import InputError
 from voxelfm.io.dicom_series import read_dicom_series
@@ -119,13 +120,14 @@ def _read_file(path: Path, source_format: str) -> sitk.Image:
         image = reader.Execute()
     except RuntimeError as error:
         raise InputError(
-            path, f"cannot be read as {source_format} (damaged or truncated?): "
-            f"{itk_error_reason(error)}"
+            path,
+            f"cannot be read as {source_format} (damaged or truncated?): {itk_error_reason(error)}",
         )
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
-            path, f"has {image.GetNumberOfComponentsPerPixel()} values per voxel; "
-            "a scalar (grey-level) volume is needed"
+            path,
+            f"has {image.GetNumberOfComponentsPerPixel()} values per voxel; "
+            "a scalar (grey-level) volume is needed",
         )
     if image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
@@ -155,7 +157,7 @@ def _check_nifti_payload(path: Path) -> None:
     """
     try:
         proxy = nib.load(path).dataobj  # reads only the header
-    except Exception as error:  # nibabel raises several types for non-NIfTI bytes
+    except (ImageFileError, OSError, EOFError, ValueError) as error:
         raise InputError(path, f"is not a readable NIfTI file: {error}")
     dtype = np.dtype(proxy.dtype)
     expected_bytes = int(np.prod(proxy.shape)) * dtype.itemsize

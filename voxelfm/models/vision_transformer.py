@@ -13,6 +13,11 @@ Token order (patch tokens, after the 1 + R prefix tokens) is C order over the pa
 patch (i, j, k) is token ``(i * gy + j) * gz + k``, the last input axis varying fastest.
 For a canonical (X, Y, Z) = (R, A, S) volume, Z (superior) varies fastest and token n
 covers voxels [i*p, (i+1)*p) x [j*p, (j+1)*p) x [k*p, (k+1)*p) with p = patch_size.
+
+Axis order and published weights: the model has no fixed anatomical axes (the reference
+pretrains on randomly axis-permuted crops), but the reference's own inference feeds arrays
+as (z, y, x) (its NIfTI loader transposes), so reproducing its features exactly means
+passing a canonical volume as ``x.permute(0, 1, 4, 3, 2)``.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ from .layers import LAYER_NORM_EPS, Block, PatchEmbed3D, RopePositionEmbedding3D
 # out the 2D ViT-S 384/6 = 64); "tiny" is a CPU demo: patch 8 turns a 32^3 crop into a
 # 4^3 grid and 64^3 into 8^3, small enough for seconds-long CPU runs.
 VIT_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(patch_size=8, embed_dim=192, depth=4, num_heads=4),
-    "small": dict(patch_size=14, embed_dim=432, depth=12, num_heads=6),
-    "base": dict(patch_size=14, embed_dim=864, depth=12, num_heads=12),
+    "tiny": {"patch_size": 8, "embed_dim": 192, "depth": 4, "num_heads": 4},
+    "small": {"patch_size": 14, "embed_dim": 432, "depth": 12, "num_heads": 6},
+    "base": {"patch_size": 14, "embed_dim": 864, "depth": 12, "num_heads": 12},
 }
 
 # Parameters that act before the first block; layer-wise lr decay treats them as layer 0.
@@ -112,22 +117,22 @@ class VisionTransformer3D(nn.Module):
         if num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
         # Everything needed to rebuild this module, saved next to our own checkpoints.
-        self.architecture: dict[str, Any] = dict(
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            num_register_tokens=num_register_tokens,
-            layerscale_init=layerscale_init,
-            rope_base=rope_base,
-            rope_rescale_coords=rope_rescale_coords,
-            qkv_bias=qkv_bias,
-            proj_bias=proj_bias,
-            ffn_bias=ffn_bias,
-            drop_path_rate=drop_path_rate,
-            drop_path_uniform=drop_path_uniform,
-        )
+        self.architecture: dict[str, Any] = {
+            "patch_size": patch_size,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "num_register_tokens": num_register_tokens,
+            "layerscale_init": layerscale_init,
+            "rope_base": rope_base,
+            "rope_rescale_coords": rope_rescale_coords,
+            "qkv_bias": qkv_bias,
+            "proj_bias": proj_bias,
+            "ffn_bias": ffn_bias,
+            "drop_path_rate": drop_path_rate,
+            "drop_path_uniform": drop_path_uniform,
+        }
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_register_tokens = num_register_tokens

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from voxelfm.errors import InputError
+from voxelfm.utils.atomic import atomic_write_bytes, atomic_write_text
 
 from .layers import rope_periods
 from .vision_transformer import VisionTransformer3D, build_vit
@@ -74,7 +74,8 @@ def load_published_checkpoint(
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for bad files
-        raise InputError(path, f"not a readable torch checkpoint: {error}") from error
+        first_line = next(iter(str(error).splitlines()), type(error).__name__)
+        raise InputError(path, f"not a readable torch checkpoint: {first_line}") from error
 
     submodel = _select_submodel(checkpoint, which, path)
     state_dict = _backbone_state_dict(submodel)
@@ -119,9 +120,8 @@ def save_backbone(
         sidecar_text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
     except TypeError as error:
         raise ValueError(f"config must be JSON-serialisable: {error}") from error
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights_path, payload)
-    _atomic_write(sidecar_path, sidecar_text.encode())
+    atomic_write_bytes(weights_path, payload)
+    atomic_write_text(sidecar_path, sidecar_text)
     return weights_path
 
 
@@ -219,7 +219,9 @@ def _load_strict(
         if items
     ]
     if problems:
-        raise InputError(path, f"backbone weights do not match {description}: " + "; ".join(problems))
+        raise InputError(
+            path, f"backbone weights do not match {description}: " + "; ".join(problems)
+        )
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -240,20 +242,3 @@ def _backbone_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if path.suffix == ".safetensors":
         return path, path.with_suffix(".json")
     return path / f"{_DEFAULT_STEM}.safetensors", path / f"{_DEFAULT_STEM}.json"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see a
-    partial file (and a crash leaves the previous version in place)."""
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise

@@ -215,7 +215,9 @@ def collate_ssl_batch(
 class SSLCollate:
     """Picklable collate function: masks seeded by the batch's sample keys."""
 
-    def __init__(self, base_seed: int, mask_generator: BlockMaskGenerator3D, masking: IBOTMaskingConfig):
+    def __init__(
+        self, base_seed: int, mask_generator: BlockMaskGenerator3D, masking: IBOTMaskingConfig
+    ):
         self.base_seed = base_seed
         self.mask_generator = mask_generator
         self.masking = masking

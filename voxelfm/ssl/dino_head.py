@@ -13,6 +13,8 @@ keys itself when a state dict is loaded.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -42,7 +44,7 @@ class DINOHead(nn.Module):
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         widths = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
-        for i, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (width_in, width_out) in enumerate(pairwise(widths)):
             if i > 0:
                 layers.append(nn.GELU())
             layers.append(nn.Linear(width_in, width_out))

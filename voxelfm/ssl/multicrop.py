@@ -215,7 +215,9 @@ class MultiCropAugmentation:
     def __init__(self, config: MultiCropConfig):
         self.config = config
 
-    def __call__(self, store: CropSource, scan_id: str, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, store: CropSource, scan_id: str, rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
         plan = self.plan(store.shape(scan_id), rng)
         global_crops = [self.render(store, scan_id, crop) for crop in plan.global_crops]
         local_crops = [self.render(store, scan_id, crop) for crop in plan.local_crops]
@@ -302,10 +304,13 @@ class MultiCropAugmentation:
         return ((hu - cfg.normalisation_mean) / cfg.normalisation_std).contiguous()[None]
 
 
-def _clip_to_random_window(hu: torch.Tensor, window: WindowDraw, cfg: MultiCropConfig) -> torch.Tensor:
+def _clip_to_random_window(
+    hu: torch.Tensor, window: WindowDraw, cfg: MultiCropConfig
+) -> torch.Tensor:
     """Clip (S, S, S) HU to a window placed relative to the crop's own HU distribution."""
     low, high = cfg.hu_clip
-    values = hu.numpy()
+    # Every second voxel per axis: the quantiles barely move and cost an eighth.
+    values = hu.numpy()[::2, ::2, ::2]
     # Air below the clip range (and HU_MIN padding) would drag every window toward -1000.
     values = values[(values >= low) & (values <= high)]
     if values.size == 0:

@@ -52,7 +52,7 @@ def sinkhorn_knopp(
     prototype_mass = n_samples / n_prototypes
     tiny = torch.finfo(q.dtype).tiny
     for _ in range(n_iterations):
-        per_prototype = q.sum(dim=1, keepdim=True)  # (K, 1)
+        per_prototype = all_reduce_sum_(q.sum(dim=1, keepdim=True))  # (K, 1)
         q *= prototype_mass / per_prototype.clamp_min(tiny)
         q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)  # (1, N): each sample sums to 1
     return q.t()

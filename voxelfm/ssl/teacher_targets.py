@@ -57,7 +57,9 @@ class TeacherTargets(nn.Module):
     ):
         super().__init__()
         if normalisation not in ("centring", "sinkhorn"):
-            raise ValueError(f"normalisation must be 'centring' or 'sinkhorn', got {normalisation!r}")
+            raise ValueError(
+                f"normalisation must be 'centring' or 'sinkhorn', got {normalisation!r}"
+            )
         if not 0.0 <= centre_momentum < 1.0:
             raise ValueError(f"centre_momentum must be in [0, 1), got {centre_momentum}")
         self.normalisation = normalisation

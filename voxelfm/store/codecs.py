@@ -9,7 +9,7 @@ from __future__ import annotations
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 
-DEFAULT_CHUNKS: tuple[int, int, int] = (64, 64, 64)
+DEFAULT_CHUNKS: tuple[int, int, int] = (32, 32, 32)
 DEFAULT_COMPRESSOR_NAME = "blosc-lz4-shuffle-5"
 
 _BLOSC_SHUFFLES = {"noshuffle", "shuffle", "bitshuffle"}
@@ -19,6 +19,11 @@ COMPRESSOR_NAME_RULE = (
     "expected 'none', 'zstd-<level>' or 'blosc-<lz4|lz4hc|zstd|zlib|blosclz>-"
     "<noshuffle|shuffle|bitshuffle>-<level>'"
 )
+
+
+def whole_volume_shard(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
+    """Shard shape holding the whole array: ``shape`` rounded up to whole chunks."""
+    return tuple(-(-n // c) * c for n, c in zip(shape, chunks))
 
 
 def make_compressor(name: str) -> BytesBytesCodec | None:

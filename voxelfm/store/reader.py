@@ -1,5 +1,9 @@
 """Read scans and random 3D crops from a set of shard stores.
 
+Block reads go through ``ChunkReader`` (decodes only the overlapped chunks, without zarr's
+per-chunk scheduling overhead); arrays in a layout it does not handle are read with zarr's
+own slicing, which gives identical values.
+
 ``VolumeStore`` is what the pretraining dataset holds: it is cheap to pickle (only the
 scan-to-shard index travels) and opens array handles lazily, once per process, so each
 DataLoader worker gets its own handles after fork or spawn. Zarr itself resets its I/O
@@ -19,6 +23,7 @@ from zarr.storage import LocalStore
 
 from voxelfm.conventions import HU_MIN
 from voxelfm.errors import InputError
+from voxelfm.store.chunk_reader import ChunkReader
 from voxelfm.store.layout import IMAGE_ARRAY, LABELS_GROUP, is_store, list_complete_scans
 from voxelfm.store.writer import PROVENANCE_KEYS
 from voxelfm.volume import CanonicalVolume
@@ -88,11 +93,11 @@ class VolumeStore:
 
     def read_volume(self, scan_id: str) -> np.ndarray:
         """The whole int16 HU image, shape (X, Y, Z)."""
-        return self._array(scan_id, IMAGE_ARRAY)[...]
+        return self.read_crop(scan_id, (0, 0, 0), self.shape(scan_id))
 
     def read_label(self, scan_id: str, name: str) -> np.ndarray:
         """A whole label map."""
-        return self._array(scan_id, f"{LABELS_GROUP}/{name}")[...]
+        return self.read_label_crop(scan_id, name, (0, 0, 0), self.shape(scan_id))
 
     def read_crop(self, scan_id: str, start: Triple, size: Triple) -> np.ndarray:
         """int16 HU block ``[start, start + size)``; voxels outside the volume read HU_MIN.
@@ -125,7 +130,7 @@ class VolumeStore:
     def _reset_handles(self) -> None:
         self._owner_pid = os.getpid()
         self._stores: dict[Path, LocalStore] = {}
-        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._arrays: dict[tuple[str, str], _ArrayHandle] = {}
         self._attrs: dict[str, dict[str, Any]] = {}
 
     def _store(self, scan_id: str) -> LocalStore:
@@ -136,12 +141,31 @@ class VolumeStore:
             self._stores[path] = LocalStore(path, read_only=True)
         return self._stores[path]
 
-    def _array(self, scan_id: str, array_path: str) -> zarr.Array:
+    def _array(self, scan_id: str, array_path: str) -> _ArrayHandle:
         store = self._store(scan_id)
         key = (scan_id, array_path)
         if key not in self._arrays:
-            self._arrays[key] = zarr.open_array(store, path=f"{scan_id}/{array_path}", mode="r")
+            path = f"{scan_id}/{array_path}"
+            array = zarr.open_array(store, path=path, mode="r")
+            self._arrays[key] = _ArrayHandle(array, ChunkReader.for_array(array, store.root / path))
         return self._arrays[key]
+
+
+class _ArrayHandle:
+    """An open array and, when its layout allows, the fast reader for it."""
+
+    def __init__(self, array: zarr.Array, fast_reader: ChunkReader | None):
+        self.array = array
+        self.fast_reader = fast_reader
+        self.shape: Triple = tuple(array.shape)
+        self.dtype = array.dtype
+        self.ndim = array.ndim
+
+    def read(self, lo: Triple, hi: Triple) -> np.ndarray:
+        """The block ``[lo, hi)`` inside the array."""
+        if self.fast_reader is not None:
+            return self.fast_reader.read(lo, hi)
+        return self.array[tuple(slice(l, h) for l, h in zip(lo, hi))]
 
 
 def _resolve_store_paths(
@@ -164,15 +188,16 @@ def _resolve_store_paths(
     return paths
 
 
-def _padded_read(array: zarr.Array, start: Triple, size: Triple, fill: int) -> np.ndarray:
+def _padded_read(array: _ArrayHandle, start: Triple, size: Triple, fill: int) -> np.ndarray:
     if len(start) != array.ndim or len(size) != array.ndim or min(size) < 1:
         raise ValueError(f"crop start {start} / size {size} do not fit a {array.ndim}D array")
     lo = [max(int(s), 0) for s in start]
     hi = [min(int(s) + int(n), dim) for s, n, dim in zip(start, size, array.shape)]
-    inside = tuple(slice(a, b) for a, b in zip(lo, hi))
     if all(s >= 0 for s in start) and all(h - l == n for l, h, n in zip(lo, hi, size)):
-        return array[inside]  # fast path: no padding, no extra copy
+        return array.read(tuple(lo), tuple(hi))  # entirely inside: no padding copy
     out = np.full(tuple(int(n) for n in size), fill, dtype=array.dtype)
     if all(h > l for l, h in zip(lo, hi)):
-        out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = array[inside]
+        out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = array.read(
+            tuple(lo), tuple(hi)
+        )
     return out

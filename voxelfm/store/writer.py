@@ -21,7 +21,7 @@ import zarr
 from zarr.abc.codec import BytesBytesCodec
 
 from voxelfm.conventions import HU_MAX, HU_MIN, PREPROCESSING_VERSION
-from voxelfm.store.codecs import DEFAULT_CHUNKS, DEFAULT_COMPRESSOR
+from voxelfm.store.codecs import DEFAULT_CHUNKS, DEFAULT_COMPRESSOR, whole_volume_shard
 from voxelfm.store.layout import (
     IMAGE_ARRAY,
     LABELS_GROUP,
@@ -69,7 +69,9 @@ def write_scan(
 ) -> None:
     """Store ``volume`` as group ``scan_id`` of the shard store at ``store_path``.
 
-    Replaces an existing scan of the same id. ``input_fingerprint`` (a digest of the inputs
+    Each array is one Zarr shard (a single file) of ``chunks``-sized inner chunks, so a
+    crop read opens one file and decodes only the chunks it overlaps, and a store of many
+    scans stays at a handful of files per scan. Replaces an existing scan of the same id. ``input_fingerprint`` (a digest of the inputs
     and preprocessing parameters) and ``qc`` (per-scan quality numbers) are kept in the
     attributes so a resumed shard can skip the scan and still report its QC.
     """
@@ -78,15 +80,18 @@ def write_scan(
     store_path = Path(store_path)
     root = open_store_for_writing(store_path)
     partial_name = f"{PARTIAL_PREFIX}{scan_id}.{uuid.uuid4().hex}"
-    compressors = () if compressor is None else (compressor,)
+    layout = {
+        "chunks": chunks,
+        "shards": whole_volume_shard(volume.image.shape, chunks),
+        "compressors": () if compressor is None else (compressor,),
+    }
     try:
         group = root.create_group(partial_name)
         group.create_array(
             IMAGE_ARRAY,
             data=np.ascontiguousarray(volume.image, dtype=np.int16),
-            chunks=chunks,
-            compressors=compressors,
             fill_value=HU_MIN,
+            **layout,
         )
         if volume.labels:
             labels_group = group.create_group(LABELS_GROUP)
@@ -96,9 +101,8 @@ def write_scan(
                 labels_group.create_array(
                     name,
                     data=_as_label_dtype(label, scan_id, name),
-                    chunks=chunks,
-                    compressors=compressors,
                     fill_value=0,
+                    **layout,
                 )
         group.attrs.update(_scan_attributes(scan_id, patient_id, volume, input_fingerprint, qc))
         _commit(store_path / partial_name, store_path / scan_id)

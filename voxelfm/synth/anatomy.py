@@ -5,8 +5,8 @@ texture) that ``voxelfm.synth.render`` samples on any grid, so every scan of a p
 the same anatomy by construction.
 
 Dimensions are a reference adult scaled per patient: the trunk by (sx, sy, sz), organs by
-their own factors (liver 0.8-1.3 in each axis, i.e. about 0.5-2.2x the reference volume), so
-organ size varies independently of body habitus and is visible only in the image.
+their own factors (liver 0.8-1.25 in each axis, i.e. about 0.5-2x the reference 1.4 l), so
+organ size varies largely independently of body habitus and is visible only in the image.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from voxelfm.synth.raster import Structure, rasterise
-from voxelfm.synth.shapes import Ellipsoid, EllipticCylinder, RibArc, Shape
+from voxelfm.synth.shapes import Ellipsoid, EllipticCylinder, RibCage, Shape
 from voxelfm.synth.texture import RandomField, random_field
 
 # Label map values; written to label_names.json. 0 is everything unlabelled (air, fat, muscle).
@@ -98,8 +98,11 @@ class Phantom:
     def labels_at(self, shape: tuple[int, int, int], index_to_patient: np.ndarray) -> np.ndarray:
         """Label map (I, J, K) of the anatomy without lesions on a grid (placement checks)."""
         instances, _ = rasterise(
-            self.anatomy, shape, index_to_patient,
-            body_interior=self.body_interior, texture=self.texture,
+            self.anatomy,
+            shape,
+            index_to_patient,
+            body_interior=self.body_interior,
+            texture=self.texture,
         )
         lut = np.array([s.label for s in self.anatomy] + [0])  # instance -1 -> last entry, 0
         return lut[instances]
@@ -123,7 +126,7 @@ def make_phantom(
         "body_scale_z": rng.uniform(0.92, 1.08),
         "fat_mm": rng.uniform(8.0, 35.0),
         "lung_scale": rng.uniform(0.92, 1.08),
-        "liver_scale": rng.uniform(0.8, 1.3),
+        "liver_scale": rng.uniform(0.8, 1.25),
         "spleen_scale": rng.uniform(0.8, 1.4),
         "kidney_scale": rng.uniform(0.9, 1.1),
         "liver_hu": rng.uniform(25.0, 70.0),
@@ -152,7 +155,8 @@ def _anatomy(
 ) -> tuple[Shape, Shape, list[Structure]]:
     """Body outline, body interior and the ordered structures of a scaled reference adult."""
     sx, sy, sz = traits["body_scale_x"], traits["body_scale_y"], traits["body_scale_z"]
-    habitus = (sx + sy) / 2.0
+    # Organs grow less than the trunk with habitus, so organ size stays mostly its own trait.
+    habitus = np.sqrt((sx + sy) / 2.0)
 
     def at(x: float, y: float, z: float) -> np.ndarray:
         return np.array([x * sx, y * sy, z * sz])
@@ -172,58 +176,74 @@ def _anatomy(
     outline = EllipticCylinder(np.zeros(3), interior.semi_axes + fat)
     lung_hu = rng.uniform(-870.0, -830.0)
     liver_hu = traits["liver_hu"]
-    blood = dict(hu=40.0, contrast_hu=180.0)  # unenhanced blood, arterial-phase enhancement
+    blood = {"hu": 40.0, "contrast_hu": 180.0}  # unenhanced blood, arterial-phase enhancement
     aorta = EllipticCylinder(at(-22, -30, 0), np.array([13.0, 13.0, 600.0]) * habitus)
     anatomy = [
         Structure(0, outline, rng.uniform(-110.0, -90.0), clip_to_body=False),
         Structure(0, interior, rng.uniform(35.0, 45.0), clip_to_body=False),
         Structure(
-            LABELS["lung_right"], Ellipsoid(at(72, 5, 95), sized(62, 80, 120, lung)),
-            lung_hu, texture_hu=45.0,
+            LABELS["lung_right"],
+            Ellipsoid(at(72, 5, 95), sized(62, 80, 120, lung)),
+            lung_hu,
+            texture_hu=45.0,
         ),
         Structure(
-            LABELS["lung_left"], Ellipsoid(at(-72, 5, 100), sized(58, 78, 115, lung)),
-            lung_hu, texture_hu=45.0,
+            LABELS["lung_left"],
+            Ellipsoid(at(-72, 5, 100), sized(58, 78, 115, lung)),
+            lung_hu,
+            texture_hu=45.0,
         ),
         # Right lobe first: lesion placement and segment naming rely on that order.
         Structure(
-            LABELS["liver"], Ellipsoid(at(60, 5, -55), sized(68, 75, 72, liver)),
-            liver_hu, texture_hu=6.0,
+            LABELS["liver"],
+            Ellipsoid(at(60, 5, -55), sized(62, 70, 66, liver)),
+            liver_hu,
+            texture_hu=6.0,
         ),
         Structure(
-            LABELS["liver"], Ellipsoid(at(-15, 35, -35), sized(55, 40, 32, liver), turned(z=-15)),
-            liver_hu, texture_hu=6.0,
+            LABELS["liver"],
+            Ellipsoid(at(-15, 35, -35), sized(55, 40, 32, liver), turned(z=-15)),
+            liver_hu,
+            texture_hu=6.0,
         ),
         Structure(
-            LABELS["spleen"], Ellipsoid(at(-85, -35, -45), sized(28, 50, 55, spleen), turned(z=30)),
-            rng.uniform(45.0, 55.0), texture_hu=5.0,
+            LABELS["spleen"],
+            Ellipsoid(at(-85, -35, -45), sized(28, 50, 55, spleen), turned(z=30)),
+            rng.uniform(45.0, 55.0),
+            texture_hu=5.0,
         ),
         Structure(
             LABELS["kidney_right"],
             Ellipsoid(at(60, -55, -135), sized(28, 25, 55, kidney), turned(y=-10)),
-            hu=30.0, contrast_hu=120.0,
+            hu=30.0,
+            contrast_hu=120.0,
         ),
         Structure(
             LABELS["kidney_left"],
             Ellipsoid(at(-60, -55, -120), sized(28, 25, 55, kidney), turned(y=10)),
-            hu=30.0, contrast_hu=120.0,
+            hu=30.0,
+            contrast_hu=120.0,
         ),
-        Structure(LABELS["heart"], Ellipsoid(at(-20, 35, 60), sized(55, 45, 50), turned(z=-30)), **blood),
+        Structure(
+            LABELS["heart"], Ellipsoid(at(-20, 35, 60), sized(55, 45, 50), turned(z=-30)), **blood
+        ),
         Structure(LABELS["aorta"], aorta, **blood),
     ]
     # Vertebrae: cortical rim around cancellous core, with a posterior element behind each.
     vertebra_pitch = 27.0 * sz
     for z in np.arange(-15, 16) * vertebra_pitch:
-        bone = dict(hu=700.0, core_hu=250.0, core_fraction=0.7)
+        bone = {"hu": 700.0, "core_hu": 250.0, "core_fraction": 0.7}
         vertebral_body = EllipticCylinder(at(0, -65, 0) + [0, 0, z], sized(22, 18, 11))
         posterior_element = Ellipsoid(at(0, -93, 0) + [0, 0, z], sized(10, 12, 9))
         anatomy.append(Structure(LABELS["spine"], vertebral_body, **bone))
         anatomy.append(Structure(LABELS["spine"], posterior_element, **bone))
-    ring = (interior.semi_axes[0] * 0.95, interior.semi_axes[1] * 0.95)
-    for z in np.arange(-70.0, 231.0, 24.0) * sz:
-        for side in (+1, -1):
-            rib = RibArc(ring_semi_axes=ring, z_posterior=float(z), side=side)
-            anatomy.append(Structure(LABELS["ribs"], rib, hu=650.0, core_hu=300.0, core_fraction=0.5))
+    ribs = RibCage(
+        ring_semi_axes=(interior.semi_axes[0] * 0.95, interior.semi_axes[1] * 0.95),
+        z_lowest=-70.0 * sz,
+        pitch=24.0 * sz,
+        count=13,
+    )
+    anatomy.append(Structure(LABELS["ribs"], ribs, hu=650.0, core_hu=300.0, core_fraction=0.5))
     return outline, interior, anatomy
 
 

@@ -58,6 +58,13 @@ class ScanGeometry:
         """4x4 affine from voxel index to patient mm for a patient lying at ``pose``."""
         return pose.world_to_patient @ self.affine
 
+    def flipped(self, axis: int) -> ScanGeometry:
+        """The same voxels with index axis ``axis`` reversed (array[..., ::-1] along it)."""
+        affine = self.affine.copy()
+        affine[:3, 3] += affine[:3, axis] * (self.shape[axis] - 1)
+        affine[:3, axis] *= -1.0
+        return ScanGeometry(shape=self.shape, affine=affine)
+
     def index_to_world(self, indices: np.ndarray) -> np.ndarray:
         """Voxel indices (..., 3) -> RAS mm (..., 3)."""
         return np.asarray(indices, dtype=float) @ self.affine[:3, :3].T + self.affine[:3, 3]

@@ -62,8 +62,9 @@ def draw_scan_plan(
     """
     growth = 1.0 if baseline else float(rng.uniform(1.0, MAX_LESION_GROWTH))
     pose = PatientPose(
-        rotation=Rotation.from_euler("zyx", rng.uniform(-1, 1, 3) * [4.0, 3.0, 2.0], degrees=True)
-        .as_matrix(),
+        rotation=Rotation.from_euler(
+            "zyx", rng.uniform(-1, 1, 3) * [4.0, 3.0, 2.0], degrees=True
+        ).as_matrix(),
         translation=rng.uniform(-1, 1, 3) * [15.0, 20.0, 60.0],
     )
     in_plane = rng.uniform(*spacing_range)
@@ -89,7 +90,9 @@ def draw_scan_plan(
         tilt = Rotation.from_rotvec(rotation_vector).as_matrix()
 
     # Choose the centre in the (tilted) grid frame, where the field of view is a plain box.
-    required_low, required_high = _grid_frame_box(pose, *phantom.liver_and_lesion_bounds(growth), tilt)
+    required_low, required_high = _grid_frame_box(
+        pose, *phantom.liver_and_lesion_bounds(growth), tilt
+    )
     nominal = tilt.T @ pose.to_world(np.array([0.0, 0.0, rng.uniform(-20.0, 40.0)]))
     nominal[:2] += rng.normal(0.0, 10.0, 2)
     half_fov = counts * spacing / 2.0

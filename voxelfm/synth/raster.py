@@ -65,23 +65,27 @@ def rasterise(
     """
     instances = np.full(shape, NO_STRUCTURE, dtype=np.int16)
     hu = np.full(shape, -1000.0, dtype=np.float32)
+    full_grid = tuple(slice(0, n) for n in shape)
+    points = _patient_points(full_grid, index_to_patient)  # (I, J, K, 3)
+    in_body = body_interior.normalised_radius(points) <= 1.0  # (I, J, K)
     patient_to_index = np.linalg.inv(index_to_patient)
     for index, structure in enumerate(structures):
         box = _index_box(structure.shape.bounds(), patient_to_index, shape)
         if box is None:
             continue
-        points = _patient_points(box, index_to_patient)  # (i, j, k, 3) for the box only
-        radius = structure.shape.normalised_radius(points)
+        # Only the voxels whose centres can fall inside the shape are evaluated.
+        box_points = points[box]
+        radius = structure.shape.normalised_radius(box_points)
         inside = radius <= 1.0
         if structure.clip_to_body:
-            inside &= body_interior.normalised_radius(points) <= 1.0
+            inside &= in_body[box]
         if not inside.any():
             continue
         value = np.full(inside.shape, structure.hu + structure.contrast_hu * contrast)
         if structure.core_hu is not None:
             value[radius < structure.core_fraction] = structure.core_hu
         if structure.texture_hu:
-            value[inside] += structure.texture_hu * texture(points[inside])
+            value[inside] += structure.texture_hu * texture(box_points[inside])
         instances[box][inside] = index
         hu[box][inside] = value[inside]
     return instances, hu

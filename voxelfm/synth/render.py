@@ -64,5 +64,5 @@ def render_scan(
     blurred = gaussian_filter(ideal_hu, acquisition.psf_sigma_voxels)
     hu = np.clip(np.rint(blurred + noise), HU_MIN, HU_MAX).astype(np.int16)
     return RenderedScan(
-        hu=hu, labels=labels, lesion_voxels=voxels_per_instance[len(phantom.anatomy):]
+        hu=hu, labels=labels, lesion_voxels=voxels_per_instance[len(phantom.anatomy) :]
     )

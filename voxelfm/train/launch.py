@@ -36,7 +36,8 @@ def micro_batches(
 ) -> Iterator[dict]:
     """The infinite stream of collated micro-batches of this rank, from ``start_micro_batch``."""
     from voxelfm.models.vision_transformer import VIT_PRESETS
-    from voxelfm.ssl.data import build_ssl_dataloader
+    from voxelfm.ssl.data import IBOTMaskingConfig, build_ssl_dataloader
+    from voxelfm.ssl.multicrop import MultiCropConfig
     from voxelfm.store import VolumeStore
 
     patch_size = cfg["model"]["overrides"].get(
@@ -44,11 +45,15 @@ def micro_batches(
     )
     loader = build_ssl_dataloader(
         VolumeStore([Path(s) for s in stores]),
-        cfg,
+        MultiCropConfig.from_recipe(cfg["crops"]),
+        batch_size_per_rank=cfg["train"]["batch_size_per_gpu"],
+        num_workers=cfg["train"]["num_workers"],
+        base_seed=cfg["train"]["seed"],
         patch_size=patch_size,
+        masking=IBOTMaskingConfig.from_recipe(cfg["ibot"]),
+        start_iteration=start_micro_batch,
         rank=rank,
         world_size=world_size,
-        start_micro_batch=start_micro_batch,
     )
     return iter(loader)
 

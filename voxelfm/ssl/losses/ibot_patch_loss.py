@@ -81,7 +81,9 @@ class IBOTPatchLoss(nn.Module):
                 f"{tuple(teacher_probs_masked.shape)} masked tokens must both be (M, K)"
             )
         if n_masked != int(masked_per_image.sum()):
-            raise ValueError(f"{n_masked} masked tokens but the masks hold {int(masked_per_image.sum())}")
+            raise ValueError(
+                f"{n_masked} masked tokens but the masks hold {int(masked_per_image.sum())}"
+            )
 
         log_p = F.log_softmax(student_logits_masked.float() / self.student_temp, dim=-1)
         cross_entropy = -(teacher_probs_masked.float() * log_p).sum(dim=-1)  # (M,)
