@@ -65,7 +65,9 @@ def test_youden_threshold_maximises_sensitivity_plus_specificity():
     y = rng.integers(0, 2, 60)
     s = y * 0.8 + rng.normal(size=60)
     threshold = youden_threshold(y, s)
-    j = lambda t: ((s >= t) & (y == 1)).sum() / y.sum() - ((s >= t) & (y == 0)).sum() / (y == 0).sum()
+    j = lambda t: (
+        ((s >= t) & (y == 1)).sum() / y.sum() - ((s >= t) & (y == 0)).sum() / (y == 0).sum()
+    )
     assert j(threshold) == pytest.approx(max(j(t) for t in s))
 
 

@@ -7,14 +7,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_probes_survival import simulated_cohort  # noqa: E402
+from test_probes_survival import simulated_cohort
 
-from voxelfm.probes.attentive import fit_select_attentive  # noqa: E402
-from voxelfm.probes.classification import auroc, fit_select_logistic  # noqa: E402
-from voxelfm.probes.cox_mlp import cox_negative_log_partial_likelihood, fit_select_mlp_cox  # noqa: E402
-from voxelfm.probes.mlp_regression import fit_select_mlp_regressor  # noqa: E402
-from voxelfm.probes.regression import r_squared  # noqa: E402
-from voxelfm.probes.survival import harrell_c_index  # noqa: E402
+from voxelfm.probes.attentive import fit_select_attentive
+from voxelfm.probes.classification import auroc, fit_select_logistic
+from voxelfm.probes.cox_mlp import cox_negative_log_partial_likelihood, fit_select_mlp_cox
+from voxelfm.probes.mlp_regression import fit_select_mlp_regressor
+from voxelfm.probes.regression import r_squared
+from voxelfm.probes.survival import harrell_c_index
 
 
 @pytest.fixture(autouse=True)
@@ -46,13 +46,15 @@ def test_cox_loss_is_the_breslow_partial_likelihood_with_ties():
 
 def test_mlp_cox_recovers_the_simulated_hazard_and_is_reproducible():
     X, y, _ = simulated_cohort(n=240)
-    split = dict(X_train=X[:140], y_train=y[:140], X_val=X[140:190], y_val=y[140:190])
-    probe = fit_select_mlp_cox(*split.values(), max_epochs=60, patience=10, seed=1)
+    split = (X[:140], y[:140], X[140:190], y[140:190])
+    probe = fit_select_mlp_cox(*split, max_epochs=60, patience=10, seed=1)
     assert harrell_c_index(y[190:], probe.predict(X[190:])) > 0.7
     # Early stopping returns the best epoch's weights, whose score is the recorded one.
     assert probe.validation_score == max(c["validation_score"] for c in probe.selection_trace)
-    assert harrell_c_index(y[140:190], probe.predict(X[140:190])) == pytest.approx(probe.validation_score)
-    again = fit_select_mlp_cox(*split.values(), max_epochs=60, patience=10, seed=1)
+    assert harrell_c_index(y[140:190], probe.predict(X[140:190])) == pytest.approx(
+        probe.validation_score
+    )
+    again = fit_select_mlp_cox(*split, max_epochs=60, patience=10, seed=1)
     np.testing.assert_array_equal(probe.predict(X[190:]), again.predict(X[190:]))
 
 
@@ -64,7 +66,10 @@ def test_mlp_regressor_learns_a_nonlinear_target_on_its_original_scale():
         X[:200], y[:200], X[200:250], y[200:250], max_epochs=150, patience=15, seed=0
     )
     assert r_squared(y[250:], probe.predict(X[250:])) > 0.6
-    assert probe.hyperparameters["epochs"] == int(np.argmax([c["validation_score"] for c in probe.selection_trace])) + 1
+    assert (
+        probe.hyperparameters["epochs"]
+        == int(np.argmax([c["validation_score"] for c in probe.selection_trace])) + 1
+    )
 
 
 def test_attentive_probe_finds_a_single_informative_patch_better_than_mean_pooling():

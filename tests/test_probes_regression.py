@@ -52,7 +52,9 @@ def test_ridge_choice_is_the_best_validation_r2_of_an_independent_grid_search():
     grid = (1000.0, 10.0, 0.1)
     probe = fit_select_ridge(X_tr, y_tr, X_va, y_va, alpha_grid=grid)
     val_r2 = [
-        r2_score(y_va, make_pipeline(StandardScaler(), Ridge(alpha=a)).fit(X_tr, y_tr).predict(X_va))
+        r2_score(
+            y_va, make_pipeline(StandardScaler(), Ridge(alpha=a)).fit(X_tr, y_tr).predict(X_va)
+        )
         for a in grid
     ]
     assert probe.hyperparameters == {"alpha": grid[int(np.argmax(val_r2))]}

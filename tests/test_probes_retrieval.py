@@ -33,7 +33,10 @@ def test_gallery_ranks_on_a_hand_built_case():
     # From 30: A@10 (20 deg), C (25), A@0 (30), then B@100 (70) -> rank 4; from 100: C, B@30.
     assert ranks["first_positive_rank"].tolist() == [1, 1, 4, 2]
     assert ranks["average_precision"].tolist() == pytest.approx([1, 1, 1 / 4, 1 / 2])
-    assert recall_at_k(ranks["first_positive_rank"], ks=(1, 5)) == {"recall@1": 0.5, "recall@5": 1.0}
+    assert recall_at_k(ranks["first_positive_rank"], ks=(1, 5)) == {
+        "recall@1": 0.5,
+        "recall@5": 1.0,
+    }
 
 
 def test_gallery_average_precision_matches_sklearn_per_query():
@@ -98,7 +101,10 @@ def test_hypergeometric_ranking_equals_drawing_the_pool():
     draw_rng = np.random.default_rng(3)
     reference = np.array([reference_rank(draw_rng) for _ in range(3000)])
     ours = np.concatenate(
-        [rank_among_random_negatives(similarities, positive, negatives, 99, draw_rng) for _ in range(3000)]
+        [
+            rank_among_random_negatives(similarities, positive, negatives, 99, draw_rng)
+            for _ in range(3000)
+        ]
     )
     for k, probability in exact.items():
         tolerance = 4 * np.sqrt(probability * (1 - probability) / 3000) + 1e-9
@@ -128,5 +134,7 @@ def test_label_retrieval_trials_and_macro_average():
     summary = label_recall_summary(trials, ks=(1, 10)).set_index("label")
     assert summary.loc["a", "recall@1"] == 1.0
     assert summary.loc["b", "recall@10"] == pytest.approx(0.1, abs=0.04)
-    assert summary.loc["macro", "recall@10"] == pytest.approx(summary.loc[["a", "b"], "recall@10"].mean())
+    assert summary.loc["macro", "recall@10"] == pytest.approx(
+        summary.loc[["a", "b"], "recall@10"].mean()
+    )
     assert summary.loc["macro", "n_trials"] == len(trials)

@@ -26,7 +26,9 @@ def simulated_cohort(n: int = 300, d: int = 24, seed: int = 0):
     log_hazard = 1.5 * latent[:, 0]
     event_time = rng.exponential(1 / np.exp(log_hazard))
     censor_time = rng.exponential(2.5, size=n)
-    y = np.stack([np.minimum(event_time, censor_time), (event_time <= censor_time).astype(float)], 1)
+    y = np.stack(
+        [np.minimum(event_time, censor_time), (event_time <= censor_time).astype(float)], 1
+    )
     return X, y, log_hazard
 
 
@@ -48,7 +50,7 @@ def test_c_index_sign_higher_risk_means_shorter_survival():
 
 
 def test_c_index_matches_pair_counting_with_censoring_and_ties():
-    X, y, log_hazard = simulated_cohort(n=40, seed=1)
+    _, y, log_hazard = simulated_cohort(n=40, seed=1)
     risk = np.round(log_hazard, 1)  # rounding creates tied risks
     assert harrell_c_index(y, risk) == pytest.approx(_harrell_by_pairs(y, risk))
     assert np.isnan(harrell_c_index(np.array([[1.0, 0], [2.0, 0]]), np.array([1.0, 0.0])))
@@ -57,7 +59,12 @@ def test_c_index_matches_pair_counting_with_censoring_and_ties():
 def test_cox_probe_recovers_the_simulated_hazard():
     X, y, log_hazard = simulated_cohort()
     probe = fit_select_cox(
-        X[:180], y[:180], X[180:240], y[180:240], n_components_grid=(2, 4, 8), penalizer_grid=(1.0, 0.01)
+        X[:180],
+        y[:180],
+        X[180:240],
+        y[180:240],
+        n_components_grid=(2, 4, 8),
+        penalizer_grid=(1.0, 0.01),
     )
     test_c = harrell_c_index(y[240:], probe.predict(X[240:]))
     assert test_c > 0.7
@@ -71,7 +78,9 @@ def test_component_count_is_capped_by_events():
     X, y, _ = simulated_cohort(n=120)
     y[:, 1] = 0
     y[::8, 1] = 1  # 10 training events -> at most 2 components, however large the grid
-    probe = fit_select_cox(X[:80], y[:80], X[80:], y[80:], n_components_grid=(2, 16), penalizer_grid=(1.0,))
+    probe = fit_select_cox(
+        X[:80], y[:80], X[80:], y[80:], n_components_grid=(2, 16), penalizer_grid=(1.0,)
+    )
     assert [c["n_components"] for c in probe.selection_trace] == [2]
 
 
@@ -107,12 +116,15 @@ def _logrank_by_hand(time, event, group):
 
 
 def test_kaplan_meier_groups_split_at_the_training_median():
-    X, y, log_hazard = simulated_cohort(n=200, seed=2)
+    _, y, log_hazard = simulated_cohort(n=200, seed=2)
     train_risk, test_risk, y_test = log_hazard[:100], log_hazard[100:], y[100:]
     groups = kaplan_meier_risk_groups(train_risk, test_risk, y_test)
     assert groups.threshold == np.median(train_risk)
     is_high = test_risk > np.median(train_risk)
-    assert groups.group_sizes == {"low risk": int((~is_high).sum()), "high risk": int(is_high.sum())}
+    assert groups.group_sizes == {
+        "low risk": int((~is_high).sum()),
+        "high risk": int(is_high.sum()),
+    }
     high = groups.curves["high risk"].set_index("time")["survival"]
     for t, s in _kaplan_meier_by_hand(y_test[is_high, 0], y_test[is_high, 1]).items():
         assert high.loc[t] == pytest.approx(s)
@@ -123,6 +135,6 @@ def test_kaplan_meier_groups_split_at_the_training_median():
 
 
 def test_kaplan_meier_with_an_empty_group_has_no_logrank():
-    X, y, _ = simulated_cohort(n=20)
+    _, y, _ = simulated_cohort(n=20)
     groups = kaplan_meier_risk_groups(np.zeros(10), -np.ones(10), y[10:])
     assert list(groups.curves) == ["low risk"] and np.isnan(groups.logrank_p_value)

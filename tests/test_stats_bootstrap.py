@@ -82,7 +82,9 @@ def test_paired_p_value_is_the_two_sided_proportion_beyond_zero():
     beyond = min((differences <= 0).sum(), (differences >= 0).sum())
     assert 0 < beyond < 75  # a non-trivial case for the formula
     assert result.p_value == pytest.approx(min(1, 2 * (beyond + 1) / 151))
-    assert (result.lower, result.upper) == pytest.approx(tuple(np.quantile(differences, [0.025, 0.975])))
+    assert (result.lower, result.upper) == pytest.approx(
+        tuple(np.quantile(differences, [0.025, 0.975]))
+    )
 
 
 def test_grouped_means_equal_the_row_level_bootstrap():
@@ -99,6 +101,10 @@ def test_grouped_means_equal_the_row_level_bootstrap():
 
 def test_same_seed_same_interval():
     y = np.arange(20.0)
-    first = bootstrap_metrics({"mae": mean_absolute_error_metric}, y, y + 1, np.arange(20), n_boot=50, seed=9)
-    again = bootstrap_metrics({"mae": mean_absolute_error_metric}, y, y + 1, np.arange(20), n_boot=50, seed=9)
+    first = bootstrap_metrics(
+        {"mae": mean_absolute_error_metric}, y, y + 1, np.arange(20), n_boot=50, seed=9
+    )
+    again = bootstrap_metrics(
+        {"mae": mean_absolute_error_metric}, y, y + 1, np.arange(20), n_boot=50, seed=9
+    )
     assert first == again

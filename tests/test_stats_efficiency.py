@@ -19,7 +19,11 @@ def _cohort(seed=0):
     X = rng.normal(size=(n, 6))
     y = (X[:, 0] + 0.5 * rng.normal(size=n) > 0).astype(int)
     t = len(train_patients)
-    return (X[:t], y[:t], train_patients), (X[t : t + 40], y[t : t + 40]), (X[t + 40 :], y[t + 40 :])
+    return (
+        (X[:t], y[:t], train_patients),
+        (X[t : t + 40], y[t : t + 40]),
+        (X[t + 40 :], y[t + 40 :]),
+    )
 
 
 def _fast_logistic(X_train, y_train, X_val, y_val, *, seed):
@@ -29,8 +33,17 @@ def _fast_logistic(X_train, y_train, X_val, y_val, *, seed):
 def test_sweep_returns_a_tidy_frame_of_whole_patient_subsamples():
     (X_tr, y_tr, patients), (X_va, y_va), (X_te, y_te) = _cohort()
     results = label_efficiency_sweep(
-        _fast_logistic, X_tr, y_tr, patients, X_va, y_va, X_te, y_te,
-        fractions=(0.1, 0.5, 1.0), n_repeats=2, stratify=y_tr,
+        _fast_logistic,
+        X_tr,
+        y_tr,
+        patients,
+        X_va,
+        y_va,
+        X_te,
+        y_te,
+        fractions=(0.1, 0.5, 1.0),
+        n_repeats=2,
+        stratify=y_tr,
     )
     assert sorted(results["n_train_patients"].unique()) == [6, 30, 60]
     assert len(results) == 3 * 2 * 3  # counts x repeats x metrics
@@ -51,8 +64,17 @@ def test_selection_never_receives_test_rows_and_ignores_test_labels():
         return _fast_logistic(X_train, y_train, X_val, y_val, seed=seed)
 
     sweep = lambda y_test: label_efficiency_sweep(
-        recording_fitter, X_tr, y_tr, patients, X_va, y_va, X_te, y_test,
-        fractions=(0.2, 1.0), n_repeats=2, stratify=y_tr,
+        recording_fitter,
+        X_tr,
+        y_tr,
+        patients,
+        X_va,
+        y_va,
+        X_te,
+        y_test,
+        fractions=(0.2, 1.0),
+        n_repeats=2,
+        stratify=y_tr,
     )
     results = sweep(y_te)
     assert not set(seen_rows) & set(map(bytes, X_te))
@@ -64,8 +86,17 @@ def test_selection_never_receives_test_rows_and_ignores_test_labels():
 def test_figures_render_headless(tmp_path):
     (X_tr, y_tr, patients), (X_va, y_va), (X_te, y_te) = _cohort()
     results = label_efficiency_sweep(
-        _fast_logistic, X_tr, y_tr, patients, X_va, y_va, X_te, y_te,
-        fractions=(0.2, 1.0), n_repeats=2, stratify=y_tr,
+        _fast_logistic,
+        X_tr,
+        y_tr,
+        patients,
+        X_va,
+        y_va,
+        X_te,
+        y_te,
+        fractions=(0.2, 1.0),
+        n_repeats=2,
+        stratify=y_tr,
     )
     results["backbone"] = "voxelfm"
     figure = plot_data_efficiency(results, "auroc", group_column="backbone")

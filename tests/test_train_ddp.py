@@ -13,8 +13,9 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -30,12 +31,25 @@ TIMEOUT_S = 240
 
 TINY: dict[str, Any] = {
     "model": {"preset": "tiny", "drop_path_rate": 0.0},
-    "dino": {"head_n_prototypes": 256, "head_hidden_dim": 128, "head_bottleneck_dim": 64,
-             "koleo_loss_weight": 0.1},
+    "dino": {
+        "head_n_prototypes": 256,
+        "head_hidden_dim": 128,
+        "head_bottleneck_dim": 64,
+        "koleo_loss_weight": 0.1,
+    },
     "ibot": {"head_n_prototypes": 256, "head_hidden_dim": 128, "head_bottleneck_dim": 64},
-    "crops": {"global_crops_size": GLOBAL, "local_crops_size": LOCAL, "local_crops_number": N_LOCAL},
-    "train": {"epochs": 1, "official_epoch_length": STEPS, "compute_precision": "fp32",
-              "num_workers": 0, "seed": 0},
+    "crops": {
+        "global_crops_size": GLOBAL,
+        "local_crops_size": LOCAL,
+        "local_crops_number": N_LOCAL,
+    },
+    "train": {
+        "epochs": 1,
+        "official_epoch_length": STEPS,
+        "compute_precision": "fp32",
+        "num_workers": 0,
+        "seed": 0,
+    },
     "schedules": {
         "lr": {"warmup_epochs": 0, "freeze_last_layer_epochs": 0},
         "teacher_temp": {"warmup_epochs": 0},
@@ -62,8 +76,9 @@ def _deep_update(base: dict, overrides: Mapping) -> dict:
 def _cfg(total: int, per_gpu: int) -> dict[str, Any]:
     from voxelfm.train.config import resolve_ssl_config
 
-    return resolve_ssl_config(_deep_update(
-        TINY, {"train": {"total_batch_size": total, "batch_size_per_gpu": per_gpu}}))
+    return resolve_ssl_config(
+        _deep_update(TINY, {"train": {"total_batch_size": total, "batch_size_per_gpu": per_gpu}})
+    )
 
 
 def make_sample(index: int) -> dict[str, torch.Tensor]:
@@ -98,14 +113,22 @@ def micro_batches(rank: int, world_size: int) -> Iterator[dict[str, torch.Tensor
 def _state(trainer) -> dict[str, Any]:
     return {
         "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-        "grads": {n: p.grad.clone() for n, p in trainer.model.student.named_parameters()
-                  if p.grad is not None},
+        "grads": {
+            n: p.grad.clone()
+            for n, p in trainer.model.student.named_parameters()
+            if p.grad is not None
+        },
     }
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD_SIZE),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
     if "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, whatever the hostname says
     torch.set_num_threads(1)
@@ -115,8 +138,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         assert (ctx.rank, ctx.world_size) == (rank, WORLD_SIZE)
         for name, (total, per_gpu, _) in CASES.items():
-            trainer = Pretrainer(_cfg(total, per_gpu), Path(out_dir) / f"work_{name}", ctx,
-                                 progress=False)
+            trainer = Pretrainer(
+                _cfg(total, per_gpu), Path(out_dir) / f"work_{name}", ctx, progress=False
+            )
             assert trainer.accum == total // (per_gpu * WORLD_SIZE)
             assert trainer.run(micro_batches(rank, WORLD_SIZE)) == STEPS
             torch.save(_state(trainer), Path(out_dir) / f"{name}_rank{rank}.pt")
@@ -136,8 +160,13 @@ def ddp_results(tmp_path_factory):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
     out_dir = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        _worker,
+        args=(_free_port(), str(out_dir)),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=2):
@@ -159,14 +188,21 @@ def ddp_results(tmp_path_factory):
         single = DistributedContext(rank=0, world_size=1, device=torch.device("cpu"))
         results = {}
         for name, (total, _, per_gpu) in CASES.items():
-            trainer = Pretrainer(_cfg(total, per_gpu), out_dir / f"single_{name}", single,
-                                 progress=False)
+            trainer = Pretrainer(
+                _cfg(total, per_gpu), out_dir / f"single_{name}", single, progress=False
+            )
             assert trainer.run(micro_batches(0, 1)) == STEPS
-            ranks = [torch.load(out_dir / f"{name}_rank{r}.pt", weights_only=True)
-                     for r in range(WORLD_SIZE)]
-            results[name] = {"single": _state(trainer), "ranks": ranks,
-                             "init": Pretrainer(_cfg(total, per_gpu), out_dir / f"init_{name}",
-                                                single, progress=False).model.state_dict()}
+            ranks = [
+                torch.load(out_dir / f"{name}_rank{r}.pt", weights_only=True)
+                for r in range(WORLD_SIZE)
+            ]
+            results[name] = {
+                "single": _state(trainer),
+                "ranks": ranks,
+                "init": Pretrainer(
+                    _cfg(total, per_gpu), out_dir / f"init_{name}", single, progress=False
+                ).model.state_dict(),
+            }
     finally:
         torch.set_num_threads(threads)
         for sig, handler in saved.items():
@@ -192,7 +228,10 @@ def test_two_process_ddp_equals_one_process(ddp_results, case):
     assert len(moved) > len(student_teacher) // 2, "training barely moved the weights"
     for key in student_teacher + centre_keys:
         torch.testing.assert_close(
-            rank0["model"][key], model[key], rtol=1e-5, atol=1e-6,
+            rank0["model"][key],
+            model[key],
+            rtol=1e-5,
+            atol=1e-6,
             msg=lambda m, k=key: f"{case}: {k} differs between 2-rank DDP and 1 process: {m}",
         )
 
@@ -203,6 +242,9 @@ def test_two_process_ddp_equals_one_process(ddp_results, case):
     scale = max(float(g.abs().max()) for g in grads.values())
     for name, grad in grads.items():
         torch.testing.assert_close(
-            rank0["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale,
+            rank0["grads"][name],
+            grad,
+            rtol=1e-4,
+            atol=1e-5 * scale,
             msg=lambda m, n=name: f"{case}: gradient of {n} differs under DDP: {m}",
         )

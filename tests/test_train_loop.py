@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import math
 import os
 import signal
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -33,7 +35,11 @@ TINY: dict[str, Any] = {
     "model": {"preset": "tiny", "drop_path_rate": 0.0},
     "dino": {"head_n_prototypes": 256, "head_hidden_dim": 128, "head_bottleneck_dim": 64},
     "ibot": {"head_n_prototypes": 256, "head_hidden_dim": 128, "head_bottleneck_dim": 64},
-    "crops": {"global_crops_size": GLOBAL, "local_crops_size": LOCAL, "local_crops_number": N_LOCAL},
+    "crops": {
+        "global_crops_size": GLOBAL,
+        "local_crops_size": LOCAL,
+        "local_crops_number": N_LOCAL,
+    },
     "train": {
         "batch_size_per_gpu": 4,
         "total_batch_size": 4,
@@ -160,8 +166,14 @@ def resume_runs(tmp_path_factory):
     b2 = Pretrainer(cfg, root / "b", CPU, progress=False)
     start = b2.start_iteration
     assert b2.run(micro_batches(batch, start * b2.accum)) == 6
-    return {"a": a, "b": b2, "b_start": start, "a_rng": a_rng, "b_rng": torch.get_rng_state(),
-            "root": root}
+    return {
+        "a": a,
+        "b": b2,
+        "b_start": start,
+        "a_rng": a_rng,
+        "b_rng": torch.get_rng_state(),
+        "root": root,
+    }
 
 
 def test_resume_starts_from_newest_checkpoint(resume_runs):
@@ -176,8 +188,9 @@ def test_resume_equals_uninterrupted_bit_for_bit(resume_runs):
     differing = [k for k in a_state if not torch.equal(a_state[k], b_state[k])]
     assert not differing, f"student/teacher/centre tensors differ after resume: {differing[:8]}"
     # Training really moved the weights (otherwise equality would prove nothing).
-    init = Pretrainer(tiny_cfg(RESUME_OVERRIDES), resume_runs["root"] / "fresh", CPU,
-                      progress=False)
+    init = Pretrainer(
+        tiny_cfg(RESUME_OVERRIDES), resume_runs["root"] / "fresh", CPU, progress=False
+    )
     moved = [k for k, v in init.model.state_dict().items() if not torch.equal(v, a_state[k])]
     assert len(moved) > len(a_state) // 2
 
@@ -189,7 +202,11 @@ def test_resume_equals_uninterrupted_bit_for_bit(resume_runs):
                 f"optimizer state {pid}/{key} differs after resume"
             )
     for ga, gb in zip(a_opt["param_groups"], b_opt["param_groups"]):
-        assert (ga["lr"], ga["weight_decay"], ga["params"]) == (gb["lr"], gb["weight_decay"], gb["params"])
+        assert (ga["lr"], ga["weight_decay"], ga["params"]) == (
+            gb["lr"],
+            gb["weight_decay"],
+            gb["params"],
+        )
     assert torch.equal(resume_runs["a_rng"], resume_runs["b_rng"]), "RNG state differs after resume"
 
     # The final checkpoints on disk agree too.
@@ -228,18 +245,25 @@ def test_resume_metrics_log_has_every_iteration_once(resume_runs):
 
 # --------------------------------------------------------------------- gradient accumulation
 
+
 def test_accumulation_matches_one_large_batch(tmp_path):
     # KoLeo off: the model computes KoLeo per micro-batch (nearest neighbours within each
     # micro-batch of 4), so with it on, accumulation legitimately differs from one batch of 8.
     # DINO and iBOT are per-sample means and split exactly. Clipping off so that a wrong
     # gradient scale (e.g. a missing 1/accum) cannot hide behind the clip; drop_path off.
     common = {"dino": {"koleo_loss_weight": 0.0}, "optim": {"clip_grad": 0.0}}
-    one = Pretrainer(tiny_cfg(_deep_update(common, {"train": {"batch_size_per_gpu": 8,
-                                                              "total_batch_size": 8}})),
-                     tmp_path / "one", CPU, progress=False)
-    two = Pretrainer(tiny_cfg(_deep_update(common, {"train": {"batch_size_per_gpu": 4,
-                                                              "total_batch_size": 8}})),
-                     tmp_path / "two", CPU, progress=False)
+    one = Pretrainer(
+        tiny_cfg(_deep_update(common, {"train": {"batch_size_per_gpu": 8, "total_batch_size": 8}})),
+        tmp_path / "one",
+        CPU,
+        progress=False,
+    )
+    two = Pretrainer(
+        tiny_cfg(_deep_update(common, {"train": {"batch_size_per_gpu": 4, "total_batch_size": 8}})),
+        tmp_path / "two",
+        CPU,
+        progress=False,
+    )
     assert (one.accum, two.accum) == (1, 2)
     before = student_params(one)
     assert all(torch.equal(before[n], p) for n, p in student_params(two).items())
@@ -253,15 +277,21 @@ def test_accumulation_matches_one_large_batch(tmp_path):
     grads2 = {n: p.grad for n, p in two.model.student.named_parameters() if p.grad is not None}
     assert grads1.keys() == grads2.keys() and grads1
     scale = max(float(g.abs().max()) for g in grads1.values())
-    for name in grads1:
-        torch.testing.assert_close(grads2[name], grads1[name], rtol=1e-4, atol=1e-6 * scale,
-                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+    for name, grad in grads1.items():
+        torch.testing.assert_close(
+            grads2[name],
+            grad,
+            rtol=1e-4,
+            atol=1e-6 * scale,
+            msg=lambda m, n=name: f"gradient of {n}: {m}",
+        )
     # AdamW's first moments are linear in the gradient: a strict check of the update rule's
     # input (its first step, g / (|g| + eps), hides any gradient scale error).
     state1, state2 = one.optimizer.state_dict()["state"], two.optimizer.state_dict()["state"]
-    for pid in state1:
-        torch.testing.assert_close(state2[pid]["exp_avg"], state1[pid]["exp_avg"], rtol=1e-4,
-                                   atol=1e-6 * scale * 0.1)
+    for pid, entry in state1.items():
+        torch.testing.assert_close(
+            state2[pid]["exp_avg"], entry["exp_avg"], rtol=1e-4, atol=1e-6 * scale * 0.1
+        )
     after1, after2 = student_params(one), student_params(two)
     assert any(not torch.equal(before[n], after1[n]) for n in before), "the step changed nothing"
     for name in after1:
@@ -270,8 +300,9 @@ def test_accumulation_matches_one_large_batch(tmp_path):
         # are compared where |g| >> eps; the gradients above cover every element.
         if name in grads1:
             well_conditioned = grads1[name].abs() > 1e-6
-            torch.testing.assert_close(after2[name][well_conditioned],
-                                       after1[name][well_conditioned], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                after2[name][well_conditioned], after1[name][well_conditioned], rtol=1e-5, atol=1e-6
+            )
         else:
             torch.testing.assert_close(after2[name], after1[name], rtol=1e-5, atol=1e-6)
     for name, value in teacher_params(one).items():
@@ -283,17 +314,25 @@ def test_accumulation_matches_one_large_batch(tmp_path):
 
 # ------------------------------------------------------------------------------ schedules
 
+
 def test_schedules_from_config():
-    cfg = tiny_cfg({
-        "train": {"epochs": 4, "official_epoch_length": 10, "total_batch_size": 4},
-        "schedules": {
-            "lr": {"start": 0.0, "peak": 1e-3, "end": 1e-6, "warmup_epochs": 1,
-                   "freeze_last_layer_epochs": 1},
-            "weight_decay": {"start": 0.04, "end": 0.2},
-            "momentum": {"start": 0.99, "end": 0.999},
-            "teacher_temp": {"start": 0.04, "peak": 0.07, "warmup_epochs": 2},
-        },
-    })
+    cfg = tiny_cfg(
+        {
+            "train": {"epochs": 4, "official_epoch_length": 10, "total_batch_size": 4},
+            "schedules": {
+                "lr": {
+                    "start": 0.0,
+                    "peak": 1e-3,
+                    "end": 1e-6,
+                    "warmup_epochs": 1,
+                    "freeze_last_layer_epochs": 1,
+                },
+                "weight_decay": {"start": 0.04, "end": 0.2},
+                "momentum": {"start": 0.99, "end": 0.999},
+                "teacher_temp": {"start": 0.04, "peak": 0.07, "warmup_epochs": 2},
+            },
+        }
+    )
     s = build_schedules(cfg)
     last = 39
     approx = pytest.approx
@@ -302,7 +341,7 @@ def test_schedules_from_config():
     assert s.lr(10) == approx(1e-3)  # end of warmup: the peak
     assert s.lr(last) == approx(1e-6)
     lrs = [s.lr(i) for i in range(10, last + 1)]
-    assert all(x >= y for x, y in zip(lrs, lrs[1:])), "lr must decay after warmup"
+    assert all(x >= y for x, y in itertools.pairwise(lrs)), "lr must decay after warmup"
     assert s.teacher_temp(0) == approx(0.04)
     assert s.teacher_temp(10) == approx(0.055)
     assert s.teacher_temp(20) == approx(0.07)
@@ -313,14 +352,21 @@ def test_schedules_from_config():
     assert s.at(9).last_layer_lr == 0.0 and s.at(9).lr > 0
     assert s.at(10).last_layer_lr == s.at(10).lr
 
-    scaled = build_schedules(_deep_update(cfg, {"optim": {"scaling_rule": "sqrt_wrt_1024"},
-                                                "train": {"total_batch_size": 256}}))
+    scaled = build_schedules(
+        _deep_update(
+            cfg, {"optim": {"scaling_rule": "sqrt_wrt_1024"}, "train": {"total_batch_size": 256}}
+        )
+    )
     assert scaled.lr(10) == approx(1e-3 * 0.5)
 
 
 def test_last_layer_frozen_during_first_epoch(tmp_path):
-    cfg = tiny_cfg({"train": {"epochs": 2, "official_epoch_length": 2},
-                    "schedules": {"lr": {"freeze_last_layer_epochs": 1}}})
+    cfg = tiny_cfg(
+        {
+            "train": {"epochs": 2, "official_epoch_length": 2},
+            "schedules": {"lr": {"freeze_last_layer_epochs": 1}},
+        }
+    )
     trainer = Pretrainer(cfg, tmp_path, CPU, progress=False)
     trainable = {n for n, p in trainer.model.student.named_parameters() if p.requires_grad}
     last = {n for n in trainable if "last_layer" in n.split(".")}
@@ -343,6 +389,7 @@ def test_last_layer_frozen_during_first_epoch(tmp_path):
 
 # ---------------------------------------------------------------------------- EMA teacher
 
+
 def test_teacher_is_ema_of_student(tmp_path):
     m = 0.9
     cfg = tiny_cfg({"schedules": {"momentum": {"start": m, "end": m}}})
@@ -358,8 +405,13 @@ def test_teacher_is_ema_of_student(tmp_path):
     changed = 0
     for name, t1 in teacher1.items():
         expected = m * teacher0[name].double() + (1 - m) * student1[name].double()
-        torch.testing.assert_close(t1.double(), expected, rtol=1e-6, atol=1e-8,
-                                   msg=lambda msg, n=name: f"teacher {n} is not the EMA: {msg}")
+        torch.testing.assert_close(
+            t1.double(),
+            expected,
+            rtol=1e-6,
+            atol=1e-8,
+            msg=lambda msg, n=name: f"teacher {n} is not the EMA: {msg}",
+        )
         if not torch.equal(t1, teacher0[name]):
             changed += 1
             assert not torch.equal(t1, student1[name]), f"teacher {name} copied the student"
@@ -368,6 +420,7 @@ def test_teacher_is_ema_of_student(tmp_path):
 
 
 # ------------------------------------------------------------------------------ divergence
+
 
 @pytest.mark.parametrize("log_period", [1000, 1], ids=["no-stats", "stats-logged"])
 def test_non_finite_loss_raises_voxelfm_error(tmp_path, log_period):
@@ -399,6 +452,7 @@ def test_non_finite_loss_raises_voxelfm_error(tmp_path, log_period):
 
 
 # ------------------------------------------------------------------------- safe checkpoints
+
 
 class _Payload:
     """Unpickling it calls os.mkdir(marker): proof that arbitrary code ran."""

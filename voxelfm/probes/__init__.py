@@ -15,5 +15,5 @@ Target conventions (one per task):
   scores are risks (n,), higher = shorter expected survival.
 
 Importing this package does not import torch; only the network probes
-(``attentive``, ``mlp_regression``, ``cox_mlp``, ``torch_training``) do.
+(``attentive``, ``mlp_regression``, ``cox_mlp`` and their shared ``networks``) do.
 """

@@ -24,7 +24,9 @@ from voxelfm.probes.networks import TorchPredictor, train_with_early_stopping
 class AttentivePoolingHead(nn.Module):
     """(B, N, d) patch tokens -> (B, n_outputs) logits via one learned query."""
 
-    def __init__(self, token_dim: int, hidden_dim: int, n_heads: int, n_outputs: int, dropout: float):
+    def __init__(
+        self, token_dim: int, hidden_dim: int, n_heads: int, n_outputs: int, dropout: float
+    ):
         super().__init__()
         # Frozen tokens from different backbones differ wildly in scale; normalise first.
         self.token_norm = nn.LayerNorm(token_dim)
@@ -84,7 +86,9 @@ def fit_select_attentive(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = AttentivePoolingHead(tokens_train.shape[2], hidden_dim, n_heads, n_outputs, dropout)
+        network = AttentivePoolingHead(
+            tokens_train.shape[2], hidden_dim, n_heads, n_outputs, dropout
+        )
         predictor = TorchPredictor(network, activation=activation, batch_size=batch_size)
         result = train_with_early_stopping(
             network,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     average_precision_score,
     balanced_accuracy_score,
@@ -23,7 +24,6 @@ from sklearn.metrics import (
     roc_curve,
 )
 from sklearn.multiclass import OneVsRestClassifier
-from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -164,14 +164,17 @@ class ProbabilityPredictor:
 
 
 def check_training_labels(y_train: np.ndarray) -> LabelKind:
-    """The label kind, after checking every class is present in training."""
+    """The label kind, after checking that training contains every class 0..C-1 (C >= 2)."""
     kind = label_kind(y_train)
-    if kind != "multilabel":
-        missing = np.setdiff1d(np.arange(y_train.max() + 1), y_train)
-        if len(missing) or y_train.max() == 0:
-            raise VoxelFMError(
-                f"training labels must contain every class 0..C-1 (C >= 2); missing {missing.tolist() or [1]}"
-            )
+    if kind == "multilabel":
+        return kind
+    n_classes = max(2, int(y_train.max()) + 1)
+    missing = np.setdiff1d(np.arange(n_classes), y_train)
+    if len(missing):
+        raise VoxelFMError(
+            f"training labels must contain every class 0..{n_classes - 1}; "
+            f"missing {missing.tolist()}"
+        )
     return kind
 
 
@@ -179,7 +182,10 @@ def _fit_select_sklearn(
     name: str,
     make_model: Callable[[dict], object],
     candidates: Sequence[dict],
-    X_train, y_train, X_val, y_val,
+    X_train,
+    y_train,
+    X_val,
+    y_val,
 ) -> FittedProbe:
     """Grid search on validation AUROC for any scikit-learn classifier factory."""
     X_train, y_train = as_probe_inputs(X_train, y_train, "train")
@@ -243,7 +249,8 @@ def fit_select_knn(
 
     Cosine because self-supervised ViT embeddings are compared by angle in training (DINO
     heads normalise), so the norm carries little label information; distance weighting
-    follows the reference implementation. k values above the training size are skipped.
+    follows the reference implementation. k values above the training size are skipped;
+    ``seed`` is accepted for a uniform probe interface (kNN is deterministic).
     """
     n_train = len(X_train)
     candidates = [{"k": int(k)} for k in k_grid if k <= n_train]

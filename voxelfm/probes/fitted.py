@@ -75,17 +75,17 @@ def select_on_validation(
             the candidate cannot be fitted (e.g. a Cox model that does not converge).
         validation_score: scores a predictor on the validation split (higher is better).
     """
-    best: Selection | None = None
+    best_params, best_predictor, best_score = None, None, -np.inf
     trace = []
     for params in candidates:
         predictor = fit(params)
         score = float("nan") if predictor is None else float(validation_score(predictor))
         trace.append({**params, "validation_score": score})
-        if np.isfinite(score) and (best is None or score > best.validation_score):
-            best = Selection(dict(params), predictor, score, ())
-    if best is None:
+        if score > best_score:  # False for nan
+            best_params, best_predictor, best_score = dict(params), predictor, score
+    if best_params is None:
         raise VoxelFMError(f"no hyper-parameter candidate gave a finite validation score: {trace}")
-    return Selection(best.hyperparameters, best.predictor, best.validation_score, tuple(trace))
+    return Selection(best_params, best_predictor, best_score, tuple(trace))
 
 
 def as_probe_inputs(X, y, split_name: str, feature_ndim: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +99,9 @@ def as_probe_inputs(X, y, split_name: str, feature_ndim: int = 2) -> tuple[np.nd
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y)
     if X.ndim != feature_ndim:
-        raise VoxelFMError(f"{split_name} features must have {feature_ndim} dims, got shape {X.shape}")
+        raise VoxelFMError(
+            f"{split_name} features must have {feature_ndim} dims, got shape {X.shape}"
+        )
     if len(X) != len(y):
         raise VoxelFMError(f"{split_name} has {len(X)} feature rows but {len(y)} targets")
     if len(X) == 0:

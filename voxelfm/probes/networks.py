@@ -13,8 +13,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
 from sklearn.preprocessing import StandardScaler
+from torch import nn
 
 from voxelfm.errors import VoxelFMError
 

@@ -59,4 +59,6 @@ def metric_functions(probe: FittedProbe) -> dict[str, MetricFn]:
 def evaluate(probe: FittedProbe, X_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
     """Point estimates of every test metric for ``probe`` (see ``voxelfm.stats`` for CIs)."""
     scores = probe.predict(X_test)
-    return {name: metric(np.asarray(y_test), scores) for name, metric in metric_functions(probe).items()}
+    return {
+        name: metric(np.asarray(y_test), scores) for name, metric in metric_functions(probe).items()
+    }

@@ -74,9 +74,11 @@ def fit_select_ridge(
     X_val, y_val = as_probe_inputs(X_val, as_regression_targets(y_val, "val"), "val")
 
     def fit(params: dict):
-        return make_pipeline(StandardScaler(), Ridge(alpha=params["alpha"])).fit(
-            X_train, y_train
-        ).predict
+        return (
+            make_pipeline(StandardScaler(), Ridge(alpha=params["alpha"]))
+            .fit(X_train, y_train)
+            .predict
+        )
 
     selection = select_on_validation(
         [{"alpha": float(a)} for a in alpha_grid],

@@ -55,9 +55,9 @@ def instance_gallery_ranks(X: np.ndarray, patient_ids: Sequence, seed: int = 0) 
     Returns:
         One row per query: ``query`` (row index), ``patient``, ``first_positive_rank`` (1-based,
         within the n - 1 other scans) and ``average_precision`` (mean over the query's positives
-        of the precision at that positive's rank).
+        of the precision at that positive's rank). Memory is O(n_queries x n).
     """
-    patient_ids = np.asarray(patient_ids)
+    X, patient_ids = np.asarray(X), np.asarray(patient_ids)
     queries = _patients_with_several_scans(patient_ids)
     if len(queries) == 0:
         raise VoxelFMError("instance retrieval needs at least one patient with two or more scans")
@@ -104,7 +104,8 @@ def rank_among_random_negatives(
     """
     if len(negatives) < n_negatives:
         raise VoxelFMError(
-            f"the retrieval pool needs {n_negatives} negatives per query, only {len(negatives)} available"
+            f"the retrieval pool needs {n_negatives} negatives per query, "
+            f"only {len(negatives)} available"
         )
     negative_similarity = np.sort(query_similarities[negatives])
     positive_similarity = query_similarities[positives]
@@ -127,7 +128,7 @@ def instance_pool_trials(
     Returns:
         One row per trial: ``query``, ``positive`` (row indices), ``patient``, ``rank``.
     """
-    patient_ids = np.asarray(patient_ids)
+    X, patient_ids = np.asarray(X), np.asarray(patient_ids)
     queries = _patients_with_several_scans(patient_ids)
     if len(queries) == 0:
         raise VoxelFMError("instance retrieval needs at least one patient with two or more scans")
@@ -142,7 +143,12 @@ def instance_pool_trials(
         )
         frames.append(
             pd.DataFrame(
-                {"query": query, "positive": positives, "patient": patient_ids[query], "rank": ranks}
+                {
+                    "query": query,
+                    "positive": positives,
+                    "patient": patient_ids[query],
+                    "rank": ranks,
+                }
             )
         )
     return pd.concat(frames, ignore_index=True)
@@ -155,7 +161,7 @@ def label_pool_trials(
     n_negatives: int = N_NEGATIVES,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """The paper's label retrieval: scans sharing a finding are positives, scans without it negatives.
+    """The paper's label retrieval: scans sharing a finding are positives, the rest negatives.
 
     For each label, every ordered pair of distinct positive scans is a trial; labels are
     processed from most to least frequent as in the reference.
@@ -169,7 +175,9 @@ def label_pool_trials(
         One row per trial: ``label``, ``query``, ``positive``, ``rank``.
     """
     labels = np.asarray(labels).astype(bool)
-    names = list(label_names) if label_names is not None else [str(i) for i in range(labels.shape[1])]
+    names = (
+        list(label_names) if label_names is not None else [str(i) for i in range(labels.shape[1])]
+    )
     similarity = cosine_similarity(X)  # (n, n)
     rng = np.random.default_rng(seed)
     frames = []

@@ -84,7 +84,9 @@ def make_patient_split(
         (n_scans,) array of "train" / "val" / "test".
     """
     if len(fractions) != 3 or min(fractions) <= 0 or not np.isclose(sum(fractions), 1.0):
-        raise VoxelFMError(f"split fractions must be three positive numbers summing to 1: {fractions}")
+        raise VoxelFMError(
+            f"split fractions must be three positive numbers summing to 1: {fractions}"
+        )
     train_fraction, val_fraction, test_fraction = fractions
     if stratify is None:
         patients = pd.Index(np.unique(np.asarray(patient_ids)))
@@ -98,9 +100,13 @@ def make_patient_split(
             rest, rest_strata, val_fraction / (train_fraction + val_fraction), seed
         )
     except ValueError as error:  # sklearn: too few patients, or a stratum too small to split
-        raise VoxelFMError(f"cannot split {len(patients)} patients by {fractions}: {error}") from None
+        raise VoxelFMError(
+            f"cannot split {len(patients)} patients by {fractions}: {error}"
+        ) from None
     split_of_patient = {
-        **dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")
+        **dict.fromkeys(train, "train"),
+        **dict.fromkeys(val, "val"),
+        **dict.fromkeys(test, "test"),
     }
     return np.array([split_of_patient[p] for p in np.asarray(patient_ids)], dtype=object)
 

@@ -107,7 +107,8 @@ def fit_select_cox(
     component_counts = sorted({min(int(n), cap) for n in n_components_grid})
     # Components are nested under a full SVD, so one PCA at the largest size serves every count.
     reducer = make_pipeline(
-        StandardScaler(), PCA(n_components=component_counts[-1], svd_solver="full", random_state=seed)
+        StandardScaler(),
+        PCA(n_components=component_counts[-1], svd_solver="full", random_state=seed),
     ).fit(X_train)
     train_components = reducer.transform(X_train)
 

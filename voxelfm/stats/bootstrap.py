@@ -65,7 +65,9 @@ class PatientResamples:
         self.n_patients = len(patients)
         self.n_boot = n_boot
         # (n_boot, n_patients) codes of the drawn patients.
-        self.draws = np.random.default_rng(seed).integers(0, self.n_patients, (n_boot, self.n_patients))
+        self.draws = np.random.default_rng(seed).integers(
+            0, self.n_patients, (n_boot, self.n_patients)
+        )
         self._rows_by_patient = np.argsort(self.patient_codes, kind="stable")
         self._rows_per_patient = np.bincount(self.patient_codes, minlength=self.n_patients)
         self._first_row = np.cumsum(self._rows_per_patient) - self._rows_per_patient
@@ -97,7 +99,10 @@ def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, 
 def _resampled_metric(metric: MetricFn, y_true, scores, resamples: PatientResamples) -> np.ndarray:
     """(n_boot,) metric on every resample; nan where undefined."""
     return np.array(
-        [metric(y_true[rows], scores[rows]) for rows in map(resamples.rows, range(resamples.n_boot))],
+        [
+            metric(y_true[rows], scores[rows])
+            for rows in map(resamples.rows, range(resamples.n_boot))
+        ],
         dtype=np.float64,
     )
 
@@ -127,7 +132,10 @@ def bootstrap_metrics(
         values = _resampled_metric(metric, y_true, scores, resamples)
         valid = values[np.isfinite(values)]
         results[name] = BootstrapResult(
-            float(metric(y_true, scores)), *_percentile_interval(valid, confidence), len(valid), n_boot
+            float(metric(y_true, scores)),
+            *_percentile_interval(valid, confidence),
+            len(valid),
+            n_boot,
         )
     return results
 
@@ -158,7 +166,8 @@ def paired_bootstrap(
     y_true, scores_a, scores_b = map(np.asarray, (y_true, scores_a, scores_b))
     if scores_a.shape != scores_b.shape or len(scores_a) != len(y_true):
         raise VoxelFMError(
-            f"paired scores must cover the same rows: {scores_a.shape}, {scores_b.shape}, {len(y_true)} targets"
+            f"paired scores must cover the same rows: {scores_a.shape}, {scores_b.shape}, "
+            f"{len(y_true)} targets"
         )
     resamples = PatientResamples(patient_ids, n_boot, seed)
     results = {}
@@ -205,7 +214,9 @@ def bootstrap_grouped_means(
     results = {}
     for name, row_values in values.items():
         row_values = np.asarray(row_values, dtype=np.float64)
-        sums = np.bincount(resamples.patient_codes, weights=row_values, minlength=resamples.n_patients)
+        sums = np.bincount(
+            resamples.patient_codes, weights=row_values, minlength=resamples.n_patients
+        )
         means = (counts @ sums) / (counts @ rows_per_patient)  # (n_boot,)
         results[name] = BootstrapResult(
             float(row_values.mean()), *_percentile_interval(means, confidence), n_boot, n_boot

@@ -50,6 +50,7 @@ def label_efficiency_sweep(
         Tidy frame, one row per (count, repeat, metric): ``n_train_patients``,
         ``n_train_scans``, ``repeat``, ``seed``, ``metric``, ``value``, ``hyperparameters``.
     """
+    X_train, y_train = np.asarray(X_train), np.asarray(y_train)
     n_patients_total = len(np.unique(np.asarray(train_patient_ids)))
     patient_counts = sorted({max(1, round(f * n_patients_total)) for f in fractions})
     rows = []

@@ -49,7 +49,9 @@ def plot_data_efficiency(
         summary = group.groupby("n_train_patients")["value"].agg(["mean", "std"]).fillna({"std": 0})
         x = summary.index.to_numpy()
         axes.plot(x, summary["mean"], marker="o", label=name)
-        axes.fill_between(x, summary["mean"] - summary["std"], summary["mean"] + summary["std"], alpha=0.2)
+        axes.fill_between(
+            x, summary["mean"] - summary["std"], summary["mean"] + summary["std"], alpha=0.2
+        )
     axes.set(xscale="log", xlabel="labelled training patients", ylabel=metric)
     if group_column:
         axes.legend(title=group_column)

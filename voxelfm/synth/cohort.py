@@ -40,7 +40,7 @@ from voxelfm.synth.outcomes import (
     visible_lesions,
 )
 from voxelfm.synth.protocol import ScanPlan, draw_scan_plan
-from voxelfm.synth.render import render_scan
+from voxelfm.synth.render import RenderedScan, render_scan
 from voxelfm.synth.report import write_report
 from voxelfm.synth.writers import dicom_reading_order, save_dicom, save_nifti
 
@@ -49,6 +49,36 @@ MARKER_FILE = "cohort.json"  # present only in a finished cohort
 
 # Independent random streams: cohort-level choices, patients, scans.
 _COHORT_STREAM, _PATIENT_STREAM, _SCAN_STREAM = 0, 1, 2
+
+_IDS = ["scan_id", "patient_id"]
+_SCAN_TABLES = {
+    "manifest.csv": [*_IDS, "image", "label_seg"],
+    "labels.csv": [
+        *_IDS,
+        "finding",
+        "target",
+        "survival_time",
+        "event",
+        "lesion_x_mm",
+        "lesion_y_mm",
+        "lesion_z_mm",
+        "n_lesions",
+        "report",
+        "split",
+    ],
+    "acquisitions.csv": [
+        *_IDS,
+        "format",
+        "axcodes",
+        "shape",
+        "spacing_mm",
+        "oblique_deg",
+        "noise_sd_hu",
+        "contrast_phase",
+        "lesion_growth",
+        "encoding",
+    ],
+}
 
 
 def generate_cohort(
@@ -127,124 +157,120 @@ def _write_cohort(
     for folder in ("images", "dicom", "labels"):
         (root / folder).mkdir()
     cohort_rng = np.random.default_rng([seed, _COHORT_STREAM])
-    repeated = set(
-        cohort_rng.choice(n_patients, round(repeat_fraction * n_patients), replace=False).tolist()
-    )
+    n_repeated = round(repeat_fraction * n_patients)
+    repeated = set(cohort_rng.choice(n_patients, n_repeated, replace=False).tolist())
     scans = [(p, s) for p in range(n_patients) for s in range(2 if p in repeated else 1)]
-    as_dicom = {
-        scans[i]
-        for i in cohort_rng.choice(len(scans), round(dicom_fraction * len(scans)), replace=False)
-    }
+    n_dicom = round(dicom_fraction * len(scans))
+    as_dicom = {scans[i] for i in cohort_rng.choice(len(scans), n_dicom, replace=False)}
 
-    manifest, labels, acquisitions, patients = [], [], [], []
+    patient_rows, scan_rows = [], []
     for p in tqdm(range(n_patients), desc="synthetic cohort", unit="patient", disable=not progress):
-        patient_rng = np.random.default_rng([seed, _PATIENT_STREAM, p])
-        patient_id = f"syn{p:04d}"
-        phantom = make_phantom(patient_rng, patient_id)
-        risk = log_hazard(phantom.lesion_volume_ml(), phantom.liver_hu)
-        survival_time, event = draw_survival(patient_rng, risk)
-        n_scans = 2 if p in repeated else 1
-        patients.append(
-            {
-                "patient_id": patient_id,
-                "n_scans": n_scans,
-                **{name: round(value, 4) for name, value in phantom.traits.items()},
-                "n_lung_nodules": sum(x.kind == "lung_nodule" for x in phantom.lesions),
-                "n_liver_lesions": sum(x.kind == "liver_lesion" for x in phantom.lesions),
-                "lesion_volume_ml": round(phantom.lesion_volume_ml(), 3),
-                "log_hazard": round(risk, 4),
-                "survival_time": round(survival_time, 2),
-                "event": event,
-            }
+        formats = ["dicom" if (p, s) in as_dicom else "nifti" for s in range(1 + (p in repeated))]
+        patient_row, rows = _write_patient(
+            root, p, formats, seed=seed, shape_range=shape_range, spacing_range=spacing_range
         )
-        for s in range(n_scans):
-            scan_rng = np.random.default_rng([seed, _SCAN_STREAM, p, s])
-            scan_id = f"{patient_id}_s{s + 1}"
-            plan = draw_scan_plan(
-                scan_rng,
-                phantom,
-                scan_format="dicom" if (p, s) in as_dicom else "nifti",
-                baseline=s == 0,
-                shape_range=tuple(shape_range),
-                spacing_range=tuple(spacing_range),
-            )
-            rendered = render_scan(phantom, plan.geometry, plan.pose, plan.acquisition)
-            lesions = visible_lesions(phantom, plan, rendered)
-            targets = scan_targets(plan, rendered, lesions)
-            report = write_report(
-                scan_rng, lesions, liver_hu=phantom.liver_hu, liver_volume_ml=targets["target"]
-            )
-            image_path = _save_scan(root, scan_id, patient_id, plan, rendered.hu, seed)
-            label_path = Path("labels") / f"{scan_id}.nii.gz"
-            label_map, label_geometry = rendered.labels, plan.geometry
-            if plan.scan_format == "dicom":
-                label_map, label_geometry = dicom_reading_order(label_map, label_geometry)
-            save_nifti(label_map, label_geometry, root / label_path, encoding="uint8")
+        patient_rows.append(patient_row)
+        scan_rows += rows
 
-            manifest.append(
-                {
-                    "scan_id": scan_id,
-                    "patient_id": patient_id,
-                    "image": image_path.as_posix(),
-                    "label_seg": label_path.as_posix(),
-                }
-            )
-            labels.append(
-                {
-                    "scan_id": scan_id,
-                    "patient_id": patient_id,
-                    **targets,
-                    "survival_time": round(survival_time, 2),
-                    "event": event,
-                    "report": report,
-                }
-            )
-            acquisitions.append(_describe_acquisition(scan_id, patient_id, plan))
-
-    label_table = pd.DataFrame(labels)
-    label_table["target"] = label_table["target"].round(2)
-    for axis in "xyz":
-        label_table[f"lesion_{axis}_mm"] = label_table[f"lesion_{axis}_mm"].round(3)
+    scan_table = pd.DataFrame(scan_rows)
     # A patient's stratum is its baseline finding: repeat scans follow their patient.
-    baseline_finding = label_table.groupby("patient_id")["finding"].transform("first")
-    label_table["split"] = suggest_splits(label_table["patient_id"], baseline_finding, seed)
-
-    pd.DataFrame(manifest).to_csv(root / "manifest.csv", index=False)
-    label_table.to_csv(root / "labels.csv", index=False)
-    pd.DataFrame(patients).to_csv(root / "patients.csv", index=False)
-    pd.DataFrame(acquisitions).to_csv(root / "acquisitions.csv", index=False)
+    baseline_finding = scan_table.groupby("patient_id")["finding"].transform("first")
+    scan_table["split"] = suggest_splits(scan_table["patient_id"], baseline_finding, seed)
+    for name, columns in _SCAN_TABLES.items():
+        scan_table[columns].to_csv(root / name, index=False)
+    pd.DataFrame(patient_rows).to_csv(root / "patients.csv", index=False)
     label_names = {"0": "background", **{str(value): name for name, value in LABELS.items()}}
     (root / "label_names.json").write_text(json.dumps(label_names, indent=2))
 
 
+def _write_patient(
+    root: Path,
+    index: int,
+    scan_formats: list[str],
+    *,
+    seed: int,
+    shape_range: list[int],
+    spacing_range: list[float],
+) -> tuple[dict, list[dict]]:
+    """Draw patient ``index``, write its scans; returns its patients.csv row and scan rows."""
+    patient_rng = np.random.default_rng([seed, _PATIENT_STREAM, index])
+    patient_id = f"syn{index:04d}"
+    phantom = make_phantom(patient_rng, patient_id)
+    risk = log_hazard(phantom.lesion_volume_ml(), phantom.liver_hu)
+    survival_time, event = draw_survival(patient_rng, risk)
+    survival = {"survival_time": round(survival_time, 2), "event": event}
+    patient_row = {
+        "patient_id": patient_id,
+        "n_scans": len(scan_formats),
+        **{name: round(value, 4) for name, value in phantom.traits.items()},
+        "n_lung_nodules": sum(x.kind == "lung_nodule" for x in phantom.lesions),
+        "n_liver_lesions": sum(x.kind == "liver_lesion" for x in phantom.lesions),
+        "lesion_volume_ml": round(phantom.lesion_volume_ml(), 3),
+        "log_hazard": round(risk, 4),
+        **survival,
+    }
+    scan_rows = []
+    for s, scan_format in enumerate(scan_formats):
+        scan_rng = np.random.default_rng([seed, _SCAN_STREAM, index, s])
+        scan_id = f"{patient_id}_s{s + 1}"
+        plan = draw_scan_plan(
+            scan_rng,
+            phantom,
+            scan_format=scan_format,
+            baseline=s == 0,
+            shape_range=tuple(shape_range),
+            spacing_range=tuple(spacing_range),
+        )
+        rendered = render_scan(phantom, plan.geometry, plan.pose, plan.acquisition)
+        lesions = visible_lesions(phantom, plan, rendered)
+        targets = scan_targets(plan, rendered, lesions)
+        report = write_report(
+            scan_rng, lesions, liver_hu=phantom.liver_hu, liver_volume_ml=targets["target"]
+        )
+        scan_rows.append(
+            {
+                "scan_id": scan_id,
+                "patient_id": patient_id,
+                **_save_scan(root, scan_id, patient_id, plan, rendered, seed),
+                **targets,
+                **survival,
+                "report": report,
+                **_describe_acquisition(plan),
+            }
+        )
+    return patient_row, scan_rows
+
+
 def _save_scan(
-    root: Path, scan_id: str, patient_id: str, plan: ScanPlan, hu: np.ndarray, seed: int
-) -> Path:
-    """Write the image in the plan's format; returns its path relative to ``root``."""
+    root: Path, scan_id: str, patient_id: str, plan: ScanPlan, rendered: RenderedScan, seed: int
+) -> dict[str, str]:
+    """Write the image in the plan's format and its label map; returns their relative paths."""
+    label_path = Path("labels") / f"{scan_id}.nii.gz"
     if plan.scan_format == "dicom":
-        relative = Path("dicom") / scan_id
+        image_path = Path("dicom") / scan_id
         save_dicom(
-            hu,
+            rendered.hu,
             plan.geometry,
-            root / relative,
+            root / image_path,
             rescale=plan.encoding,
             patient_id=patient_id,
             uid_seed=f"{seed}/{scan_id}",
         )
+        label_map, label_geometry = dicom_reading_order(rendered.labels, plan.geometry)
     else:
-        relative = Path("images") / f"{scan_id}.nii.gz"
-        save_nifti(hu, plan.geometry, root / relative, encoding=plan.encoding)
-    return relative
+        image_path = Path("images") / f"{scan_id}.nii.gz"
+        save_nifti(rendered.hu, plan.geometry, root / image_path, encoding=plan.encoding)
+        label_map, label_geometry = rendered.labels, plan.geometry
+    save_nifti(label_map, label_geometry, root / label_path, encoding="uint8")
+    return {"image": image_path.as_posix(), "label_seg": label_path.as_posix()}
 
 
-def _describe_acquisition(scan_id: str, patient_id: str, plan: ScanPlan) -> dict:
+def _describe_acquisition(plan: ScanPlan) -> dict:
     encoding = plan.encoding
     if plan.scan_format == "dicom":
         encoding = f"slope={encoding[0]:g},intercept={encoding[1]:g}"
     acquisition = plan.acquisition
     return {
-        "scan_id": scan_id,
-        "patient_id": patient_id,
         "format": plan.scan_format,
         "axcodes": plan.geometry.axcodes,
         "shape": "x".join(str(n) for n in plan.geometry.shape),

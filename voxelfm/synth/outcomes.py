@@ -80,10 +80,8 @@ def scan_targets(plan: ScanPlan, rendered: RenderedScan, lesions: Sequence[Visib
     centre = lesions[0].centre_world if lesions else np.full(3, np.nan)
     return {
         "finding": int(any(v.lesion.kind == "liver_lesion" for v in lesions)),
-        "target": float(liver_voxels * plan.geometry.voxel_volume_ml),
-        "lesion_x_mm": float(centre[0]),
-        "lesion_y_mm": float(centre[1]),
-        "lesion_z_mm": float(centre[2]),
+        "target": round(float(liver_voxels * plan.geometry.voxel_volume_ml), 2),
+        **{f"lesion_{axis}_mm": round(float(c), 3) for axis, c in zip("xyz", centre)},
         "n_lesions": len(lesions),
     }
 

@@ -19,15 +19,21 @@ from voxelfm.synth.render import Acquisition
 
 ScanFormat = Literal["nifti", "dicom"]
 
-# NIfTI files come in any axis order and direction, as they do from real converters.
-NIFTI_AXCODES = ("RAS", "LPS", "LAS", "LPI", "PLI", "RPI", "ASR", "IPL")
-# DICOM series are axial stacks (slice axis last): head-first, feet-first, mirrored rows.
+# Option -> probability. NIfTI files come in any axis order and direction, as they do from
+# real converters; DICOM series are axial stacks (slice axis last) written head-first,
+# feet-first or with mirrored rows.
+NIFTI_AXCODES = dict.fromkeys(("RAS", "LPS", "LAS", "LPI", "PLI", "RPI", "ASR", "IPL"), 1 / 8)
 DICOM_AXCODES = {"LPS": 0.5, "LPI": 0.2, "LAS": 0.15, "RPS": 0.15}
 OBLIQUE_FRACTION = 0.4  # of DICOM series
 OBLIQUE_DEGREES = (3.0, 12.0)
-# How HU is stored: NIfTI dtype (uint16 uses scl_inter = -1024), DICOM rescale slope/intercept.
-NIFTI_ENCODINGS = ("int16", "int16", "float32", "uint16")
-DICOM_RESCALES = ((1.0, -1024.0), (1.0, -1024.0), (1.0, -1000.0), (0.5, -1024.0), (2.0, -3024.0))
+# How HU is stored: NIfTI dtype (uint16 uses scl_inter = -1024), DICOM (slope, intercept).
+NIFTI_ENCODINGS = {"int16": 0.5, "float32": 0.25, "uint16": 0.25}
+DICOM_RESCALES = {
+    (1.0, -1024.0): 0.4,
+    (1.0, -1000.0): 0.2,
+    (0.5, -1024.0): 0.2,
+    (2.0, -3024.0): 0.2,
+}
 
 _FOV_MARGIN_MM = 5.0  # kept around the liver and lesions
 
@@ -76,11 +82,9 @@ def draw_scan_plan(
     counts = np.clip(np.round(wanted_mm / spacing), *shape_range).astype(int)
 
     if scan_format == "nifti":
-        axcodes = str(rng.choice(NIFTI_AXCODES))
-        encoding: str | tuple[float, float] = str(rng.choice(NIFTI_ENCODINGS))
+        axcodes, encoding = _pick(rng, NIFTI_AXCODES), _pick(rng, NIFTI_ENCODINGS)
     else:
-        axcodes = str(rng.choice(list(DICOM_AXCODES), p=list(DICOM_AXCODES.values())))
-        encoding = tuple(DICOM_RESCALES[rng.integers(len(DICOM_RESCALES))])
+        axcodes, encoding = _pick(rng, DICOM_AXCODES), _pick(rng, DICOM_RESCALES)
     oblique_deg = 0.0
     tilt = np.eye(3)
     if scan_format == "dicom" and rng.random() < OBLIQUE_FRACTION:
@@ -119,3 +123,9 @@ def _grid_frame_box(
     corners = np.array(np.meshgrid(*zip(low, high), indexing="ij")).reshape(3, -1).T  # (8, 3)
     in_grid_frame = pose.to_world(corners) @ tilt  # rows: tilt.T @ world
     return in_grid_frame.min(axis=0), in_grid_frame.max(axis=0)
+
+
+def _pick(rng: np.random.Generator, weighted: dict):
+    """One key of ``weighted`` (option -> probability)."""
+    options = list(weighted)
+    return options[rng.choice(len(options), p=list(weighted.values()))]

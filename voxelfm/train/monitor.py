@@ -45,8 +45,9 @@ def embedding_collapse_stats(embeddings: Tensor) -> dict[str, float]:
 class MetricsLog:
     """Append-only CSV of per-iteration metrics, mirrored to TensorBoard.
 
-    On resume the CSV keeps only rows before the resumed iteration, so a run interrupted
-    after logging but before checkpointing does not log the same iterations twice.
+    Row k describes the k-th completed step, which checkpoint k contains. On resume from
+    checkpoint k the CSV keeps rows up to k, so a run interrupted after logging but before
+    checkpointing does not log the same iterations twice.
     """
 
     def __init__(self, folder: Path, start_iteration: int, enabled: bool = True):
@@ -59,7 +60,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             with open(self.path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["iteration"]) < start_iteration]
+                rows = [r for r in csv.DictReader(handle) if int(r["iteration"]) <= start_iteration]
             if rows:
                 self._fields = list(rows[0])
             with open(self.path, "w", newline="") as handle:
@@ -69,7 +70,7 @@ class MetricsLog:
                     writer.writerows(rows)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(Path(folder) / "tensorboard"), purge_step=start_iteration)
+        self._writer = SummaryWriter(log_dir=str(Path(folder) / "tensorboard"), purge_step=start_iteration + 1)
 
     def log(self, iteration: int, values: Mapping[str, float]) -> None:
         if not self.enabled:

@@ -103,16 +103,26 @@ def accumulation_steps(cfg: Mapping[str, Any], world_size: int) -> int:
 
 
 class _StopRequested:
-    """Set by SIGTERM/SIGUSR1 (SLURM pre-emption): checkpoint at the next step and exit."""
+    """Set by SIGTERM/SIGUSR1 (SLURM pre-emption): checkpoint at the next step and exit.
+
+    The previous handlers come back on :meth:`restore`.
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self._previous: dict[int, Any] = {}
+        for sig in self._SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread
-                signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, *_: Any) -> None:
         self.flag = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class Pretrainer:
@@ -241,6 +251,8 @@ class Pretrainer:
             sums["loss_ibot"] += float(outputs.ibot) / len(micro_batches)
             sums["loss_koleo"] += float(outputs.koleo) / len(micro_batches)
 
+        if not math.isfinite(sums["loss_total"]):
+            raise VoxelFMError(f"training diverged at iteration {iteration + 1}: loss is not finite")
         grad_norms = []
         clip = self.cfg["optim"]["clip_grad"]
         for module in self.model.student.values():  # per submodule, as dinov2 clips
@@ -296,13 +308,12 @@ class Pretrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss_total']:.3f}", lr=f"{metrics['lr']:.2e}")
-                if not math.isfinite(metrics["loss_total"]):
-                    raise VoxelFMError(f"training diverged at iteration {iteration}: loss is not finite")
                 if iteration % period == 0 or iteration == end or stop.flag:
                     self._save(iteration)
                 if stop.flag:
                     break
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
             log.close()
