@@ -59,7 +59,6 @@ SWEEP_COMPRESSORS = (
     "blosc-zstd-shuffle-3",
 )
 
-ReadCrop = Callable[[str, tuple[int, int, int], int], np.ndarray]
 
 
 def crop_plan(rng: np.random.Generator, names: list[str], shapes: dict, n_sets: int) -> list:
@@ -148,9 +147,9 @@ def compare_loaders(args, work: Path, volumes: dict[str, np.ndarray]) -> None:
         read_set(*plans[method][0])
     times = time_methods(methods, plans)
     median_ms = {m: 1000 * statistics.median(t) for m, t in times.items()}
+    shape_text = "x".join(map(str, args.shape))
     print(f"\nCrop sets (2x{GLOBAL_CROP}^3 + 8x{LOCAL_CROP}^3), {len(volumes)} {args.kind} volumes "
-          f"of {FULL_SHAPE_TEXT(args.shape)}, store {DEFAULT_CHUNKS[0]}^3 {DEFAULT_COMPRESSOR_NAME}, "
-          "warm page cache")
+          f"of {shape_text}, store {DEFAULT_CHUNKS[0]}^3 {DEFAULT_COMPRESSOR_NAME}, warm page cache")
     print(f"{'method':14s} {'sets':>5s} {'ms/set':>9s} {'sets/s':>8s} {'vs torch.load':>14s} {'vs nifti':>9s}")
     for method, ms in median_ms.items():
         print(f"{method:14s} {len(times[method]):5d} {ms:9.1f} {1000 / ms:8.1f} "
@@ -199,10 +198,6 @@ def sweep(args, work: Path, volumes: dict[str, np.ndarray]) -> None:
         loc = 1000 * statistics.median(layout[LOCAL_CROP])
         print(f"{chunk:6d} {compressor_name:24s} {layout['ratio']:6.2f} {layout['write_s']:8.2f} "
               f"{g:9.2f} {loc:8.2f} {2 * g + 8 * loc:7.1f}")
-
-
-def FULL_SHAPE_TEXT(shape) -> str:  # noqa: N802 - reads as a constant in the f-string
-    return "x".join(map(str, shape))
 
 
 def main(argv: list[str] | None = None) -> None:

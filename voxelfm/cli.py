@@ -34,13 +34,14 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 
 def _cmd_manifest(args: argparse.Namespace) -> None:
-    from voxelfm.ingest.manifest import read_manifest, write_manifest
+    from voxelfm.ingest.atomic import write_csv_atomically
+    from voxelfm.ingest.manifest import read_manifest
 
     source = Path(args.source)
     if source.is_dir():
         source = source / "manifest.csv"
     manifest = read_manifest(source)
-    write_manifest(manifest, args.out)
+    write_csv_atomically(manifest, args.out)
     print(f"{len(manifest)} scans of {manifest['patient_id'].nunique()} patients: {args.out}")
 
 

@@ -120,25 +120,34 @@ class ChunkReader:
         """The block ``[lo, hi)``, which must lie inside the array."""
         out = np.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=self.dtype)
         buffer = np.empty(self.chunk_shape, dtype=self.dtype)
-        for file_index in _overlapping(lo, hi, self.file_shape):
-            self._read_file(file_index, lo, hi, out, buffer)
+        file_pieces = [_pieces(l, h, n) for l, h, n in zip(lo, hi, self.file_shape)]
+        for file_piece in itertools.product(*file_pieces):
+            file_index = tuple(index for index, _, _ in file_piece)
+            # Block bounds clipped to this file, in array coordinates.
+            file_lo = [l + dst.start for l, (_, _, dst) in zip(lo, file_piece)]
+            file_hi = [l + dst.stop for l, (_, _, dst) in zip(lo, file_piece)]
+            self._read_file(file_index, file_lo, file_hi, lo, out, buffer)
         return out
 
-    def _read_file(self, file_index, lo, hi, out, buffer) -> None:
-        file_origin = tuple(i * n for i, n in zip(file_index, self.file_shape))
+    def _read_file(self, file_index, file_lo, file_hi, lo, out, buffer) -> None:
+        """Fill the part ``[file_lo, file_hi)`` of the block starting at ``lo`` from one file."""
+        chunk_pieces = [
+            [(i, src, slice(dst.start + fl - l, dst.stop + fl - l)) for i, src, dst in _pieces(fl, fh, n)]
+            for fl, fh, l, n in zip(file_lo, file_hi, lo, self.chunk_shape)
+        ]
         path = self.array_dir.joinpath("c", *map(str, file_index))
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # zarr skips files that would only hold the fill value
-            out[_destination(lo, hi, file_origin, self.file_shape)] = self.fill_value
+            out[tuple(slice(fl - l, fh - l) for fl, fh, l in zip(file_lo, file_hi, lo))] = (
+                self.fill_value
+            )
             return
         try:
             index = self._read_index(fd)
-            file_lo = tuple(max(l, o) for l, o in zip(lo, file_origin))
-            file_hi = tuple(min(h, o + n) for h, o, n in zip(hi, file_origin, self.file_shape))
-            for chunk_index in _overlapping(file_lo, file_hi, self.chunk_shape):
-                chunk_origin = tuple(i * n for i, n in zip(chunk_index, self.chunk_shape))
-                destination = _destination(lo, hi, chunk_origin, self.chunk_shape)
+            for piece in itertools.product(*chunk_pieces):
+                chunk_index = tuple(i for i, _, _ in piece)
+                destination = tuple(dst for _, _, dst in piece)
                 if index is None:
                     data = _read_all(fd)
                 else:
@@ -149,7 +158,7 @@ class ChunkReader:
                         continue
                     data = os.pread(fd, int(nbytes), int(offset))
                 self._decode(data, buffer)
-                out[destination] = buffer[_source(lo, hi, chunk_origin, self.chunk_shape)]
+                out[destination] = buffer[tuple(src for _, src, _ in piece)]
         finally:
             os.close(fd)
 
@@ -192,20 +201,11 @@ def _read_all(fd: int) -> bytes:
     return os.pread(fd, size, 0)
 
 
-def _overlapping(lo, hi, step) -> itertools.product:
-    """Grid indices of the cells of size ``step`` that overlap ``[lo, hi)``."""
-    return itertools.product(*(range(l // s, (h - 1) // s + 1) for l, h, s in zip(lo, hi, step)))
-
-
-def _destination(lo, hi, cell_origin, cell_shape) -> tuple[slice, ...]:
-    """Where a cell's overlap with ``[lo, hi)`` lands in the output block."""
-    return tuple(
-        slice(max(l, o) - l, min(h, o + n) - l) for l, h, o, n in zip(lo, hi, cell_origin, cell_shape)
-    )
-
-
-def _source(lo, hi, cell_origin, cell_shape) -> tuple[slice, ...]:
-    """The part of a cell that overlaps ``[lo, hi)``, in cell coordinates."""
-    return tuple(
-        slice(max(l, o) - o, min(h, o + n) - o) for l, h, o, n in zip(lo, hi, cell_origin, cell_shape)
-    )
+def _pieces(lo: int, hi: int, cell: int) -> list[tuple[int, slice, slice]]:
+    """Split ``[lo, hi)`` along one axis by cells of size ``cell``: for each overlapped cell,
+    its index, the overlap in cell coordinates, and the overlap relative to ``lo``."""
+    pieces = []
+    for index in range(lo // cell, (hi - 1) // cell + 1):
+        start, stop = max(lo, index * cell), min(hi, (index + 1) * cell)
+        pieces.append((index, slice(start - index * cell, stop - index * cell), slice(start - lo, stop - lo)))
+    return pieces

@@ -1,0 +1,160 @@
+"""Read and validate a scan manifest (CSV or TSV).
+
+Required columns: ``scan_id``, ``patient_id``, ``image`` (a DICOM series folder or a
+NIfTI/NRRD/MetaImage file). Optional: ``label_<name>`` columns holding label-map paths
+(an empty cell means that scan has no such label) and ``series_uid`` (picks one series in a
+DICOM folder holding several). Other columns are kept and ignored. Relative paths are
+resolved against the manifest's folder.
+
+Every problem is an InputError naming the manifest and the line (the header is line 1), so
+a user can fix the file without reading code. A missing image file is not a manifest error
+(it is recorded as that scan's failure, so one bad row does not stop a shard) unless
+``strict`` is set.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from voxelfm.errors import InputError
+from voxelfm.store.layout import SAFE_NAME_RULE, is_safe_name
+
+REQUIRED_COLUMNS = ("scan_id", "patient_id", "image")
+LABEL_PREFIX = "label_"
+SERIES_UID_COLUMN = "series_uid"
+_FIRST_DATA_LINE = 2  # line 1 is the header
+
+
+def label_columns(manifest: pd.DataFrame) -> dict[str, str]:
+    """Label name -> column, for every ``label_<name>`` column."""
+    return {c[len(LABEL_PREFIX) :]: c for c in manifest.columns if c.startswith(LABEL_PREFIX)}
+
+
+def label_paths(row: pd.Series) -> dict[str, str]:
+    """Label name -> path for the labels this row has (non-empty cells)."""
+    return {
+        column[len(LABEL_PREFIX) :]: row[column]
+        for column in row.index
+        if column.startswith(LABEL_PREFIX) and row[column]
+    }
+
+
+def read_manifest(
+    path: str | os.PathLike, *, strict: bool = False, allow_empty: bool = False
+) -> pd.DataFrame:
+    """The validated manifest as strings, with absolute ``image`` and ``label_*`` paths.
+
+    strict: also require every image and label file to exist.
+    allow_empty: accept a manifest without rows (a shard that received no scans).
+    """
+    path = Path(path)
+    manifest = _read_table(path)
+    _check_columns(path, manifest)
+    if manifest.empty and not allow_empty:
+        raise InputError(path, "has no scans (only a header)")
+    _check_cells(path, manifest)
+    _check_unique_scans(path, manifest)
+    for column in ("image", *label_columns(manifest).values()):
+        manifest[column] = [_resolve(path.parent, value) for value in manifest[column]]
+    if strict:
+        _check_files_exist(path, manifest)
+    return manifest
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    # The csv module rather than pandas.read_csv: pandas silently turns extra fields into an
+    # index or drops them, where a manifest error must name the line.
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as stream:  # -sig: Excel's BOM
+            text = stream.read()
+    except FileNotFoundError:
+        raise InputError(path, "manifest does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(path, f"cannot read manifest: {error}") from None
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise InputError(path, "manifest is empty; expected a header with " + _required_text())
+    delimiter = "\t" if "\t" in lines[0] else ","
+    try:
+        rows = list(csv.reader(lines, delimiter=delimiter, strict=True))
+    except csv.Error as error:
+        raise InputError(path, f"cannot parse manifest: {error}") from None
+    header = [name.strip() for name in rows[0]]
+    records = []
+    for line, row in enumerate(rows[1:], start=_FIRST_DATA_LINE):
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        if len(row) != len(header):
+            raise InputError(
+                path, f"line {line}: {len(row)} fields, the header has {len(header)}"
+            )
+        records.append([cell.strip() for cell in row])
+    # Everything stays text: ids keep leading zeros and "NA" is a name, not a missing value.
+    return pd.DataFrame(records, columns=header, dtype=str)
+
+
+def _required_text() -> str:
+    return ", ".join(REQUIRED_COLUMNS)
+
+
+def _check_columns(path: Path, manifest: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise InputError(
+            path,
+            f"missing required column(s) {', '.join(missing)}; found "
+            f"{', '.join(manifest.columns) or 'none'} (columns must be separated by commas or tabs)",
+        )
+    duplicated = sorted({c for c in manifest.columns if list(manifest.columns).count(c) > 1})
+    if duplicated:
+        raise InputError(path, f"column(s) {', '.join(duplicated)} appear more than once")
+    for name, column in label_columns(manifest).items():
+        if not is_safe_name(name):
+            raise InputError(path, f"column {column!r}: label name {name!r} {SAFE_NAME_RULE}")
+
+
+def _check_cells(path: Path, manifest: pd.DataFrame) -> None:
+    for column in REQUIRED_COLUMNS:
+        empty = (manifest[column] == "").to_numpy().nonzero()[0]
+        if len(empty):
+            raise InputError(path, f"line {empty[0] + _FIRST_DATA_LINE}: empty {column!r}")
+    for position, scan_id in enumerate(manifest["scan_id"]):
+        if not is_safe_name(scan_id):
+            line = position + _FIRST_DATA_LINE
+            raise InputError(path, f"line {line}: scan_id {scan_id!r} {SAFE_NAME_RULE}")
+
+
+def _check_unique_scans(path: Path, manifest: pd.DataFrame) -> None:
+    first_line: dict[str, int] = {}
+    for position, (scan_id, patient_id) in enumerate(zip(manifest["scan_id"], manifest["patient_id"])):
+        line = position + _FIRST_DATA_LINE
+        if scan_id not in first_line:
+            first_line[scan_id] = line
+            continue
+        earlier = first_line[scan_id]
+        earlier_patient = manifest["patient_id"].iloc[earlier - _FIRST_DATA_LINE]
+        if earlier_patient != patient_id:
+            raise InputError(
+                path,
+                f"scan_id {scan_id!r} is given to two patients: {earlier_patient!r} on line "
+                f"{earlier} and {patient_id!r} on line {line}",
+            )
+        raise InputError(path, f"duplicate scan_id {scan_id!r} on lines {earlier} and {line}")
+
+
+def _resolve(folder: Path, value: str) -> str:
+    if not value:
+        return value  # an empty label cell: this scan has no such label
+    return str((folder / Path(value).expanduser()).resolve())
+
+
+def _check_files_exist(path: Path, manifest: pd.DataFrame) -> None:
+    for column in ("image", *label_columns(manifest).values()):
+        for position, value in enumerate(manifest[column]):
+            if value and not Path(value).exists():
+                line = position + _FIRST_DATA_LINE
+                raise InputError(path, f"line {line}: {column} {value} does not exist")
