@@ -34,16 +34,16 @@ import torch
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ct_volumes import FULL_SHAPE, benchmark_volumes  # noqa: E402
+from ct_volumes import FULL_SHAPE, benchmark_volumes
 
-from voxelfm.store import (  # noqa: E402
+from voxelfm.store import (
     DEFAULT_CHUNKS,
     DEFAULT_COMPRESSOR_NAME,
     VolumeStore,
     make_compressor,
     write_scan,
 )
-from voxelfm.volume import CanonicalVolume  # noqa: E402
+from voxelfm.volume import CanonicalVolume
 
 GLOBAL_CROP, LOCAL_CROP = 112, 56
 CROP_SIZES = (GLOBAL_CROP,) * 2 + (LOCAL_CROP,) * 8
@@ -58,7 +58,6 @@ SWEEP_COMPRESSORS = (
     "blosc-zstd-shuffle-1",
     "blosc-zstd-shuffle-3",
 )
-
 
 
 def crop_plan(rng: np.random.Generator, names: list[str], shapes: dict, n_sets: int) -> list:
@@ -142,20 +141,30 @@ def compare_loaders(args, work: Path, volumes: dict[str, np.ndarray]) -> None:
     n_sets = {"store": args.sets, "zarr-slicing": args.sets}
     n_sets |= {"torch.load": args.baseline_sets, "nifti": args.baseline_sets}
     # Same seed for every method: each reads the same crops of the same volumes.
-    plans = {m: crop_plan(np.random.default_rng(args.seed), names, shapes, n) for m, n in n_sets.items()}
+    plans = {
+        m: crop_plan(np.random.default_rng(args.seed), names, shapes, n) for m, n in n_sets.items()
+    }
     for method, read_set in methods.items():  # warm the page cache and the handles
         read_set(*plans[method][0])
     times = time_methods(methods, plans)
     median_ms = {m: 1000 * statistics.median(t) for m, t in times.items()}
     shape_text = "x".join(map(str, args.shape))
-    print(f"\nCrop sets (2x{GLOBAL_CROP}^3 + 8x{LOCAL_CROP}^3), {len(volumes)} {args.kind} volumes "
-          f"of {shape_text}, store {DEFAULT_CHUNKS[0]}^3 {DEFAULT_COMPRESSOR_NAME}, warm page cache")
-    print(f"{'method':14s} {'sets':>5s} {'ms/set':>9s} {'sets/s':>8s} {'vs torch.load':>14s} {'vs nifti':>9s}")
+    print(
+        f"\nCrop sets (2x{GLOBAL_CROP}^3 + 8x{LOCAL_CROP}^3), {len(volumes)} {args.kind} volumes "
+        f"of {shape_text}, store {DEFAULT_CHUNKS[0]}^3 {DEFAULT_COMPRESSOR_NAME}, warm page cache"
+    )
+    print(
+        f"{'method':14s} {'sets':>5s} {'ms/set':>9s} {'sets/s':>8s} {'vs torch.load':>14s} {'vs nifti':>9s}"
+    )
     for method, ms in median_ms.items():
-        print(f"{method:14s} {len(times[method]):5d} {ms:9.1f} {1000 / ms:8.1f} "
-              f"{median_ms['torch.load'] / ms:13.1f}x {median_ms['nifti'] / ms:8.1f}x")
-    print(f"target: store >= 10x torch.load -> {median_ms['torch.load'] / median_ms['store']:.1f}x, "
-          f">= 50x nifti -> {median_ms['nifti'] / median_ms['store']:.1f}x")
+        print(
+            f"{method:14s} {len(times[method]):5d} {ms:9.1f} {1000 / ms:8.1f} "
+            f"{median_ms['torch.load'] / ms:13.1f}x {median_ms['nifti'] / ms:8.1f}x"
+        )
+    print(
+        f"target: store >= 10x torch.load -> {median_ms['torch.load'] / median_ms['store']:.1f}x, "
+        f">= 50x nifti -> {median_ms['nifti'] / median_ms['store']:.1f}x"
+    )
 
 
 def sweep(args, work: Path, volumes: dict[str, np.ndarray]) -> None:
@@ -171,8 +180,14 @@ def sweep(args, work: Path, volumes: dict[str, np.ndarray]) -> None:
             start = time.perf_counter()
             for name, image in volumes.items():
                 volume = CanonicalVolume(image, (1.0,) * 3, (0.0,) * 3)
-                write_scan(store_path, name, name, volume, chunks=(chunk,) * 3,
-                           compressor=make_compressor(compressor_name))
+                write_scan(
+                    store_path,
+                    name,
+                    name,
+                    volume,
+                    chunks=(chunk,) * 3,
+                    compressor=make_compressor(compressor_name),
+                )
             stored = sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file())
             layouts[(chunk, compressor_name)] = {
                 "store": VolumeStore(store_path),
@@ -188,21 +203,29 @@ def sweep(args, work: Path, volumes: dict[str, np.ndarray]) -> None:
                 t0 = time.perf_counter()
                 layout["store"].read_crop(name, start_voxel, (size,) * 3)
                 layout[size].append(time.perf_counter() - t0)
-    print(f"\nChunk x compressor sweep: {len(volumes)} {args.kind} volumes of "
-          f"{'x'.join(map(str, args.shape))}, one Zarr shard file per volume, warm cache, "
-          f"median of {args.sweep_sets} interleaved sets")
-    print(f"{'chunks':>6s} {'compressor':24s} {'ratio':>6s} {'write s':>8s} "
-          f"{'112^3 ms':>9s} {'56^3 ms':>8s} {'ms/set':>7s}")
+    print(
+        f"\nChunk x compressor sweep: {len(volumes)} {args.kind} volumes of "
+        f"{'x'.join(map(str, args.shape))}, one Zarr shard file per volume, warm cache, "
+        f"median of {args.sweep_sets} interleaved sets"
+    )
+    print(
+        f"{'chunks':>6s} {'compressor':24s} {'ratio':>6s} {'write s':>8s} "
+        f"{'112^3 ms':>9s} {'56^3 ms':>8s} {'ms/set':>7s}"
+    )
     for (chunk, compressor_name), layout in layouts.items():
         g = 1000 * statistics.median(layout[GLOBAL_CROP])
         loc = 1000 * statistics.median(layout[LOCAL_CROP])
-        print(f"{chunk:6d} {compressor_name:24s} {layout['ratio']:6.2f} {layout['write_s']:8.2f} "
-              f"{g:9.2f} {loc:8.2f} {2 * g + 8 * loc:7.1f}")
+        print(
+            f"{chunk:6d} {compressor_name:24s} {layout['ratio']:6.2f} {layout['write_s']:8.2f} "
+            f"{g:9.2f} {loc:8.2f} {2 * g + 8 * loc:7.1f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument(
+        "--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     parser.add_argument("--kind", choices=("real", "synthetic"), default="real")
     parser.add_argument("--volumes", type=int, default=4)
     parser.add_argument("--shape", type=int, nargs=3, default=FULL_SHAPE)
@@ -212,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-only", action="store_true", help="skip the loader comparison")
     parser.add_argument("--sweep-sets", type=int, default=20)
     parser.add_argument("--sweep-volumes", type=int, default=2)
-    parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: temp)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="scratch folder (default: temp)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     args = parser.parse_args(argv)
@@ -222,7 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     args.shape = tuple(args.shape)
     work = Path(tempfile.mkdtemp(prefix="voxelfm-bench-", dir=args.work_dir))
     try:
-        volumes = dict(benchmark_volumes(args.kind, args.volumes, args.shape, args.data_root, args.seed))
+        volumes = dict(
+            benchmark_volumes(args.kind, args.volumes, args.shape, args.data_root, args.seed)
+        )
         if not args.sweep_only:
             compare_loaders(args, work, volumes)
         if args.sweep or args.sweep_only:

@@ -43,19 +43,27 @@ print(json.dumps({"seconds": time.perf_counter() - start, "failed": report.faile
 
 
 def real_inputs(data_root: Path) -> list[Path]:
-    images = sorted(data_root.glob("openkbp/*/ct.nii.gz")) + sorted(data_root.glob("ibsi_sts/*/ct.nii.gz"))
+    images = sorted(data_root.glob("openkbp/*/ct.nii.gz")) + sorted(
+        data_root.glob("ibsi_sts/*/ct.nii.gz")
+    )
     if not images:
         sys.exit(f"no real CT NIfTIs under {data_root}: pass --data-root")
     # Interleave the two collections so small runs see both kinds of scan.
     kbp = [p for p in images if "openkbp" in p.parts]
     sts = [p for p in images if "ibsi_sts" in p.parts]
     mixed = [p for pair in zip(kbp, sts) for p in pair]
-    return mixed + kbp[len(sts):] + sts[len(kbp):]
+    return mixed + kbp[len(sts) :] + sts[len(kbp) :]
 
 
 def write_manifest(images: list[Path], count: int, path: Path) -> Path:
-    rows = [{"scan_id": f"scan{n:04d}", "patient_id": f"p{n:04d}", "image": str(images[n % len(images)])}
-            for n in range(count)]
+    rows = [
+        {
+            "scan_id": f"scan{n:04d}",
+            "patient_id": f"p{n:04d}",
+            "image": str(images[n % len(images)]),
+        }
+        for n in range(count)
+    ]
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
 
@@ -63,14 +71,27 @@ def write_manifest(images: list[Path], count: int, path: Path) -> Path:
 def sitk_baseline(image_path: Path, out_path: Path) -> None:
     """Read, resample onto a 1.5 mm grid over the same extent (linear), clip, write."""
     image = sitk.ReadImage(str(image_path), sitk.sitkFloat32)
-    size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), DEFAULT_SPACING_MM)]
-    resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                              DEFAULT_SPACING_MM, image.GetDirection(), float(HU_MIN), sitk.sitkFloat32)
+    size = [
+        round(n * s / t) for n, s, t in zip(image.GetSize(), image.GetSpacing(), DEFAULT_SPACING_MM)
+    ]
+    resampled = sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        image.GetOrigin(),
+        DEFAULT_SPACING_MM,
+        image.GetDirection(),
+        float(HU_MIN),
+        sitk.sitkFloat32,
+    )
     clipped = sitk.Clamp(resampled, sitk.sitkInt16, HU_MIN, HU_MAX)
     sitk.WriteImage(clipped, str(out_path), useCompression=out_path.suffix == ".gz")
 
 
-def time_baseline(images: list[Path], count: int, out_dir: Path, workers: int, suffix: str) -> float:
+def time_baseline(
+    images: list[Path], count: int, out_dir: Path, workers: int, suffix: str
+) -> float:
     out_dir.mkdir(parents=True)
     jobs = [(images[n % len(images)], out_dir / f"scan{n:04d}{suffix}") for n in range(count)]
     start = time.perf_counter()
@@ -81,14 +102,20 @@ def time_baseline(images: list[Path], count: int, out_dir: Path, workers: int, s
 
 def run_shard_child(manifest: Path, out_dir: Path, workers: int) -> dict:
     out_dir.mkdir(parents=True)
-    result = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(manifest), str(out_dir), str(workers)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(manifest), str(out_dir), str(workers)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument(
+        "--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     parser.add_argument("--scans", type=int, default=20, help="scans for the throughput comparison")
     parser.add_argument("--rss-sizes", type=int, nargs="+", default=[10, 40])
     parser.add_argument("--workers", type=int, default=2)
@@ -102,25 +129,41 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="voxelfm-bench-pre-", dir=args.work_dir))
     try:
         manifest = write_manifest(images, args.scans, work / "throughput.csv")
-        sitk_seconds = time_baseline(images, args.scans, work / "baseline", args.workers, args.baseline_format)
+        sitk_seconds = time_baseline(
+            images, args.scans, work / "baseline", args.workers, args.baseline_format
+        )
         shard = run_shard_child(manifest, work / "throughput", args.workers)
-        per_min = {"run_shard": 60 * args.scans / shard["seconds"], "sitk": 60 * args.scans / sitk_seconds}
+        per_min = {
+            "run_shard": 60 * args.scans / shard["seconds"],
+            "sitk": 60 * args.scans / sitk_seconds,
+        }
         print(f"\nPreprocessing {args.scans} real scans to 1.5 mm, {args.workers} worker threads")
         print(f"{'method':34s} {'seconds':>8s} {'scans/min':>10s}")
-        print(f"{'run_shard -> Zarr (+QC, checksums)':34s} {shard['seconds']:8.1f} {per_min['run_shard']:10.1f}")
-        print(f"{'SimpleITK -> ' + args.baseline_format:34s} {sitk_seconds:8.1f} {per_min['sitk']:10.1f}")
-        print(f"ratio run_shard / SimpleITK throughput: {per_min['run_shard'] / per_min['sitk']:.2f}x "
-              "(target >= 1.0: not slower)")
+        print(
+            f"{'run_shard -> Zarr (+QC, checksums)':34s} {shard['seconds']:8.1f} {per_min['run_shard']:10.1f}"
+        )
+        print(
+            f"{'SimpleITK -> ' + args.baseline_format:34s} {sitk_seconds:8.1f} {per_min['sitk']:10.1f}"
+        )
+        print(
+            f"ratio run_shard / SimpleITK throughput: {per_min['run_shard'] / per_min['sitk']:.2f}x "
+            "(target >= 1.0: not slower)"
+        )
 
         print(f"\nPeak RSS of run_shard ({args.workers} workers) by shard size")
         print(f"{'scans':>6s} {'seconds':>8s} {'peak RSS MB':>12s}")
         peaks = []
         for size in args.rss_sizes:
-            result = run_shard_child(write_manifest(images, size, work / f"rss_{size}.csv"),
-                                     work / f"rss_{size}", args.workers)
+            result = run_shard_child(
+                write_manifest(images, size, work / f"rss_{size}.csv"),
+                work / f"rss_{size}",
+                args.workers,
+            )
             peaks.append(result["peak_rss_mb"])
             print(f"{size:6d} {result['seconds']:8.1f} {result['peak_rss_mb']:12.0f}")
-        print(f"ratio peak RSS largest / smallest shard: {peaks[-1] / peaks[0]:.2f}x (target ~1: flat)")
+        print(
+            f"ratio peak RSS largest / smallest shard: {peaks[-1] / peaks[0]:.2f}x (target ~1: flat)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,8 +20,10 @@ def write(tmp_path: Path, text: str, name: str = "manifest.csv") -> Path:
 
 def test_paths_are_resolved_against_the_manifest_folder(tmp_path):
     (tmp_path / "sub").mkdir()
-    path = write(tmp_path / "sub", f"{HEADER},label_seg,extra\ns1,p1,images/a.nii.gz,seg/a.nii.gz,x\n"
-                 f"s2,p1,/abs/b.nii.gz,,y\n")
+    path = write(
+        tmp_path / "sub",
+        f"{HEADER},label_seg,extra\ns1,p1,images/a.nii.gz,seg/a.nii.gz,x\ns2,p1,/abs/b.nii.gz,,y\n",
+    )
     manifest = read_manifest(path)
     assert manifest["image"].tolist() == [str(tmp_path / "sub/images/a.nii.gz"), "/abs/b.nii.gz"]
     assert label_columns(manifest) == {"seg": "label_seg"}
@@ -58,15 +60,24 @@ BAD_MANIFESTS = {
     "semicolons": ("scan_id;patient_id;image\ns1;p1;a\n", "missing required column(s)"),
     "empty image": (f"{HEADER}\ns1,p1,a.nii.gz\ns2,p2,\n", "line 3: empty 'image'"),
     "empty patient": (f"{HEADER}\ns1,,a.nii.gz\n", "line 2: empty 'patient_id'"),
-    "duplicate scan": (f"{HEADER}\ns1,p1,a\ns2,p1,b\ns1,p1,c\n", "duplicate scan_id 's1' on lines 2 and 4"),
-    "two patients": (f"{HEADER}\ns1,p1,a\ns1,p2,b\n", "scan_id 's1' is given to two patients: 'p1' on line 2 and 'p2' on line 3"),
+    "duplicate scan": (
+        f"{HEADER}\ns1,p1,a\ns2,p1,b\ns1,p1,c\n",
+        "duplicate scan_id 's1' on lines 2 and 4",
+    ),
+    "two patients": (
+        f"{HEADER}\ns1,p1,a\ns1,p2,b\n",
+        "scan_id 's1' is given to two patients: 'p1' on line 2 and 'p2' on line 3",
+    ),
     "unsafe scan id": (f"{HEADER}\nct/01,p1,a\n", "line 2: scan_id 'ct/01' must be"),
     "hidden scan id": (f"{HEADER}\n.x,p1,a\n", "line 2: scan_id '.x' must be"),
     "bad label name": (f"{HEADER},label_a b\ns1,p1,a,l\n", "column 'label_a b': label name 'a b'"),
     "empty label name": (f"{HEADER},label_\ns1,p1,a,l\n", "label name ''"),
     "ragged row": (f"{HEADER}\ns1,p1,a,extra,more\n", "line 2: 5 fields, the header has 3"),
-    "unclosed quote": (f"{HEADER}\ns1,p1,\"a\n", "cannot parse manifest"),
-    "repeated column": ("scan_id,patient_id,image,image\ns1,p1,a,b\n", "column(s) image appear more than once"),
+    "unclosed quote": (f'{HEADER}\ns1,p1,"a\n', "cannot parse manifest"),
+    "repeated column": (
+        "scan_id,patient_id,image,image\ns1,p1,a,b\n",
+        "column(s) image appear more than once",
+    ),
 }
 
 

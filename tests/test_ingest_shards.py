@@ -20,8 +20,16 @@ from voxelfm.ingest.shards import run_shard, split_manifest
 from voxelfm.store import VolumeStore, list_complete_scans
 from voxelfm.volume import CanonicalVolume
 
-BAD_CASES = ["truncated_gzip", "empty_file", "two_series", "missing_slice", "mr_series",
-             "2d_image", "nan_voxels", "nonexistent"]
+BAD_CASES = [
+    "truncated_gzip",
+    "empty_file",
+    "two_series",
+    "missing_slice",
+    "mr_series",
+    "2d_image",
+    "nan_voxels",
+    "nonexistent",
+]
 
 
 def good_scan(folder: Path, name: str, seed: int, with_label: bool) -> dict[str, str]:
@@ -44,21 +52,34 @@ def mixed_shard(tmp_path):
     """A shard manifest with 3 good scans (one with a label) and one scan per bad input."""
     rows = []
     for n in range(3):
-        rows.append({"scan_id": f"good{n}", "patient_id": f"p{n}",
-                     **good_scan(tmp_path / "good", f"good{n}", n, with_label=n == 0)})
+        rows.append(
+            {
+                "scan_id": f"good{n}",
+                "patient_id": f"p{n}",
+                **good_scan(tmp_path / "good", f"good{n}", n, with_label=n == 0),
+            }
+        )
     for case in BAD_CASES:
         build, _ = BAD_INPUTS[case]
         folder = tmp_path / "bad" / case
         folder.mkdir(parents=True)
-        rows.append({"scan_id": f"bad_{case}", "patient_id": "pbad", "image": str(build(folder)),
-                     "label_seg": ""})
+        rows.append(
+            {
+                "scan_id": f"bad_{case}",
+                "patient_id": "pbad",
+                "image": str(build(folder)),
+                "label_seg": "",
+            }
+        )
     return write_manifest(tmp_path / "shard_000.csv", rows)
 
 
 def outputs(tmp_path: Path) -> dict[str, Path]:
-    return {"out_store": tmp_path / "out" / "shard_000.zarr",
-            "failures_csv": tmp_path / "out" / "failures.csv",
-            "qc_csv": tmp_path / "out" / "qc.csv"}
+    return {
+        "out_store": tmp_path / "out" / "shard_000.zarr",
+        "failures_csv": tmp_path / "out" / "failures.csv",
+        "qc_csv": tmp_path / "out" / "qc.csv",
+    }
 
 
 FAST = {"spacing": (2.0, 2.0, 2.0), "progress": False}
@@ -92,8 +113,10 @@ def test_bad_scans_are_recorded_and_good_scans_stored(tmp_path, mixed_shard):
 
 
 def test_rerun_skips_unchanged_scans_and_redoes_changed_ones(tmp_path):
-    rows = [{"scan_id": f"s{n}", "patient_id": "p", **good_scan(tmp_path / "in", f"s{n}", n, False)}
-            for n in range(3)]
+    rows = [
+        {"scan_id": f"s{n}", "patient_id": "p", **good_scan(tmp_path / "in", f"s{n}", n, False)}
+        for n in range(3)
+    ]
     manifest = write_manifest(tmp_path / "shard.csv", rows)
     out = outputs(tmp_path)
     assert run_shard(manifest, **out, **FAST).stored == 3
@@ -101,7 +124,9 @@ def test_rerun_skips_unchanged_scans_and_redoes_changed_ones(tmp_path):
 
     again = run_shard(manifest, **out, **FAST)
     assert (again.stored, again.resumed) == (0, 3)
-    pd.testing.assert_frame_equal(pd.read_csv(out["qc_csv"]), first_qc)  # QC kept from the first run
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out["qc_csv"]), first_qc
+    )  # QC kept from the first run
 
     write_nifti(synthetic_ct(seed=99), Path(rows[1]["image"]))  # one input changes
     changed = run_shard(manifest, **out, **FAST)
@@ -117,8 +142,10 @@ def test_rerun_skips_unchanged_scans_and_redoes_changed_ones(tmp_path):
 
 
 def test_strict_mode_raises_the_one_line_reason_and_a_rerun_resumes(tmp_path):
-    good = [{"scan_id": f"s{n}", "patient_id": "p", **good_scan(tmp_path / "in", f"s{n}", n, False)}
-            for n in range(2)]
+    good = [
+        {"scan_id": f"s{n}", "patient_id": "p", **good_scan(tmp_path / "in", f"s{n}", n, False)}
+        for n in range(2)
+    ]
     truncated = BAD_INPUTS["truncated_gzip"][0](tmp_path)
     manifest = write_manifest(
         tmp_path / "shard.csv",
@@ -137,15 +164,18 @@ def test_strict_mode_raises_the_one_line_reason_and_a_rerun_resumes(tmp_path):
 
 
 def test_strict_mode_checks_files_before_any_work(tmp_path):
-    manifest = write_manifest(tmp_path / "shard.csv", [
-        {"scan_id": "s", "patient_id": "p", "image": "nowhere.nii.gz"}])
+    manifest = write_manifest(
+        tmp_path / "shard.csv", [{"scan_id": "s", "patient_id": "p", "image": "nowhere.nii.gz"}]
+    )
     with pytest.raises(InputError, match="line 2: image .*nowhere.nii.gz does not exist"):
         run_shard(manifest, **outputs(tmp_path), strict=True, **FAST)
 
 
 def test_unexpected_exceptions_are_recorded_with_their_type_on_one_line(tmp_path, monkeypatch):
-    rows = [{"scan_id": f"s{n}", "patient_id": "p", **good_scan(tmp_path / "in", f"s{n}", n, False)}
-            for n in range(2)]
+    rows = [
+        {"scan_id": f"s{n}", "patient_id": "p", **good_scan(tmp_path / "in", f"s{n}", n, False)}
+        for n in range(2)
+    ]
     manifest = write_manifest(tmp_path / "shard.csv", rows)
     real_preprocess = voxelfm.io.preprocess.preprocess_scan
 
@@ -158,14 +188,21 @@ def test_unexpected_exceptions_are_recorded_with_their_type_on_one_line(tmp_path
     out = outputs(tmp_path)
     assert run_shard(manifest, **out, **FAST).failed == 1
     failures = pd.read_csv(out["failures_csv"])
-    assert failures.to_dict("records") == [{
-        "scan_id": "s1", "image": rows[1]["image"], "error_type": "RuntimeError",
-        "reason": "RuntimeError: resampler exploded at line 2"}]
+    assert failures.to_dict("records") == [
+        {
+            "scan_id": "s1",
+            "image": rows[1]["image"],
+            "error_type": "RuntimeError",
+            "reason": "RuntimeError: resampler exploded at line 2",
+        }
+    ]
 
 
 def test_at_most_workers_scans_are_in_flight(tmp_path, monkeypatch):
-    rows = [{"scan_id": f"s{n}", "patient_id": "p", **good_scan(tmp_path / "in", f"s{n}", n, False)}
-            for n in range(8)]
+    rows = [
+        {"scan_id": f"s{n}", "patient_id": "p", **good_scan(tmp_path / "in", f"s{n}", n, False)}
+        for n in range(8)
+    ]
     manifest = write_manifest(tmp_path / "shard.csv", rows)
     in_flight, peak, lock = [0], [0], threading.Lock()
 
@@ -189,9 +226,13 @@ def test_qc_numbers_of_a_known_volume():
     image[8:] = 1000
     label = np.zeros_like(image, np.uint8)
     label[4:6, 4:6, 4:6] = 1
-    volume = CanonicalVolume(image, (1.5, 1.5, 2.0), (0, 0, 0), labels={"tumour": label},
-                             meta={"original_shape": [5, 5, 5], "original_axcodes": "LPS",
-                                   "warnings": ["a\nb", "c"]})
+    volume = CanonicalVolume(
+        image,
+        (1.5, 1.5, 2.0),
+        (0, 0, 0),
+        labels={"tumour": label},
+        meta={"original_shape": [5, 5, 5], "original_axcodes": "LPS", "warnings": ["a\nb", "c"]},
+    )
     qc = scan_qc(volume)
     assert qc["shape"] == "10x10x10" and qc["spacing"] == "1.5x1.5x2"
     assert qc["original_shape"] == "5x5x5" and qc["original_axcodes"] == "LPS"
@@ -202,8 +243,10 @@ def test_qc_numbers_of_a_known_volume():
 
 
 def test_split_keeps_patients_together_balances_rows_and_is_deterministic(tmp_path):
-    rows = [{"scan_id": f"s{n}", "patient_id": f"p{n // 3 if n < 6 else n}", "image": f"{n}.nii.gz"}
-            for n in range(10)]  # p0 and p1 have 3 scans each, then 4 single-scan patients
+    rows = [
+        {"scan_id": f"s{n}", "patient_id": f"p{n // 3 if n < 6 else n}", "image": f"{n}.nii.gz"}
+        for n in range(10)
+    ]  # p0 and p1 have 3 scans each, then 4 single-scan patients
     manifest = write_manifest(tmp_path / "manifest.csv", rows)
     paths = split_manifest(manifest, 3, tmp_path / "shards")
     assert [p.name for p in paths] == ["shard_000.csv", "shard_001.csv", "shard_002.csv"]
@@ -229,9 +272,17 @@ def test_more_shards_than_patients_gives_empty_shards_that_ingest_to_empty_store
 @pytest.mark.realdata
 def test_real_openkbp_scan_with_labels(tmp_path, real_data):
     patient = real_data / "openkbp" / "openkbp_train_pt_1"
-    manifest = write_manifest(tmp_path / "shard.csv", [{
-        "scan_id": "kbp1", "patient_id": "pt_1", "image": str(patient / "ct.nii.gz"),
-        "label_oars": str(patient / "oars.nii.gz")}])
+    manifest = write_manifest(
+        tmp_path / "shard.csv",
+        [
+            {
+                "scan_id": "kbp1",
+                "patient_id": "pt_1",
+                "image": str(patient / "ct.nii.gz"),
+                "label_oars": str(patient / "oars.nii.gz"),
+            }
+        ],
+    )
     out = outputs(tmp_path)
     assert run_shard(manifest, **out, spacing=(3.0, 3.0, 3.0), progress=False).stored == 1
     store = VolumeStore(out["out_store"])

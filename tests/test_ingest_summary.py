@@ -25,21 +25,37 @@ def write_shard(tmp_path, index, scan_ids, failures):
     for scan_id in scan_ids:
         image = np.full((20, 16, 12), -1024, np.int16)
         image[4:16, 3:13, 2:10] = 40
-        write_scan(store, scan_id, f"patient_{scan_id[:2]}", CanonicalVolume(image, (1.5,) * 3, (0,) * 3))
-    qc = pd.DataFrame({"scan_id": scan_ids, "patient_id": [f"patient_{s[:2]}" for s in scan_ids],
-                       "n_warnings": [0] * len(scan_ids)})
+        write_scan(
+            store, scan_id, f"patient_{scan_id[:2]}", CanonicalVolume(image, (1.5,) * 3, (0,) * 3)
+        )
+    qc = pd.DataFrame(
+        {
+            "scan_id": scan_ids,
+            "patient_id": [f"patient_{s[:2]}" for s in scan_ids],
+            "n_warnings": [0] * len(scan_ids),
+        }
+    )
     qc_csv = tmp_path / f"qc_{index}.csv"
     qc.to_csv(qc_csv, index=False)
     failures_csv = tmp_path / f"failures_{index}.csv"
-    pd.DataFrame(failures, columns=["scan_id", "image", "error_type", "reason"]).to_csv(failures_csv, index=False)
+    pd.DataFrame(failures, columns=["scan_id", "image", "error_type", "reason"]).to_csv(
+        failures_csv, index=False
+    )
     return store, qc_csv, failures_csv
 
 
 def test_summary_counts_merged_reports_and_mosaic(tmp_path):
     shards = [
         write_shard(tmp_path, 0, ["aa1", "aa2"], [("x1", "/d/x1", "InputError", "truncated")]),
-        write_shard(tmp_path, 1, ["bb1"], [("x2", "/d/x2", "InputError", "truncated"),
-                                          ("x3", "/d/x3", "RuntimeError", "RuntimeError: boom")]),
+        write_shard(
+            tmp_path,
+            1,
+            ["bb1"],
+            [
+                ("x2", "/d/x2", "InputError", "truncated"),
+                ("x3", "/d/x3", "RuntimeError", "RuntimeError: boom"),
+            ],
+        ),
     ]
     stores, qcs, fails = (list(column) for column in zip(*shards))
     summary = summarize(stores, qcs, fails, tmp_path / "report")

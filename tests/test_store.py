@@ -109,11 +109,15 @@ def _corner_and_face_crops():
     return [(start, size) for start in itertools.product(*starts_per_axis)]
 
 
-@pytest.mark.parametrize("start,size", _corner_and_face_crops()[::4] + [
-    ((-10, -10, -10), (60, 70, 50)),  # crop larger than the whole volume
-    ((100, 0, 0), (8, 8, 8)),  # entirely outside: all padding
-    ((0, 0, 0), SHAPE),
-])
+@pytest.mark.parametrize(
+    "start,size",
+    _corner_and_face_crops()[::4]
+    + [
+        ((-10, -10, -10), (60, 70, 50)),  # crop larger than the whole volume
+        ((100, 0, 0), (8, 8, 8)),  # entirely outside: all padding
+        ((0, 0, 0), SHAPE),
+    ],
+)
 def test_crops_match_numpy_slicing_with_padding(stored, start, size):
     store, volume, _ = stored
     crop = store.read_crop("scan-1", start, size)
@@ -138,11 +142,15 @@ def test_every_border_is_padded_with_the_right_value(stored):
             )
 
 
-@pytest.mark.parametrize("compressor", ["none", "zstd-3", "blosc-lz4-shuffle-5", "blosc-zstd-bitshuffle-1"])
+@pytest.mark.parametrize(
+    "compressor", ["none", "zstd-3", "blosc-lz4-shuffle-5", "blosc-zstd-bitshuffle-1"]
+)
 def test_fast_reader_matches_zarr_slicing(tmp_path, compressor):
     volume = ct_like_volume(seed=1)
     store_path = tmp_path / "s.zarr"
-    write_scan(store_path, "a", "p", volume, chunks=(16, 8, 16), compressor=make_compressor(compressor))
+    write_scan(
+        store_path, "a", "p", volume, chunks=(16, 8, 16), compressor=make_compressor(compressor)
+    )
     array = zarr.open_array(store_path / "a" / "image", mode="r")
     reader = ChunkReader.for_array(array, store_path / "a" / "image")
     assert reader is not None
@@ -230,7 +238,9 @@ def test_volume_store_is_picklable_and_usable_in_worker_processes(stored):
     store, volume, _ = stored
     store.read_crop("scan-1", (0, 0, 0), (4, 4, 4))  # open handles in the parent first
     clone = pickle.loads(pickle.dumps(store))
-    expected = int(padded_reference(volume.image, (-2, 3, 4), (20, 20, 20), HU_MIN).astype(np.int64).sum())
+    expected = int(
+        padded_reference(volume.image, (-2, 3, 4), (20, 20, 20), HU_MIN).astype(np.int64).sum()
+    )
     assert _crop_sum_in_child(clone) == expected
     for method in ("fork", "spawn"):
         with multiprocessing.get_context(method).Pool(1) as pool:

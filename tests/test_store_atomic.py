@@ -10,15 +10,16 @@ import textwrap
 import numpy as np
 import pytest
 
-from voxelfm.store import VolumeStore, list_complete_scans, remove_partial_scans, write_scan
-from voxelfm.store import writer
+from voxelfm.store import VolumeStore, list_complete_scans, remove_partial_scans, write_scan, writer
 from voxelfm.store.layout import list_partial_scans
 from voxelfm.volume import CanonicalVolume
 
 
 def small_volume() -> CanonicalVolume:
     image = np.arange(20 * 21 * 22, dtype=np.int16).reshape(20, 21, 22)
-    return CanonicalVolume(image, (1.5,) * 3, (0.0,) * 3, labels={"seg": (image % 3).astype(np.uint8)})
+    return CanonicalVolume(
+        image, (1.5,) * 3, (0.0,) * 3, labels={"seg": (image % 3).astype(np.uint8)}
+    )
 
 
 # The child writes one complete scan, then is SIGKILLed inside the second write at the
@@ -49,7 +50,9 @@ _KILLED_WRITER = textwrap.dedent(
 def test_sigkill_mid_write_leaves_no_listed_scan_and_a_rerun_completes_it(tmp_path, kill_point):
     store_path = tmp_path / "shard_000.zarr"
     child = subprocess.run(
-        [sys.executable, "-c", _KILLED_WRITER, str(store_path), kill_point], capture_output=True
+        [sys.executable, "-c", _KILLED_WRITER, str(store_path), kill_point],
+        capture_output=True,
+        check=False,
     )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()
     assert list_partial_scans(store_path), "the kill should have left a partial write behind"
@@ -71,7 +74,12 @@ def test_an_exception_mid_write_cleans_up_and_keeps_the_previous_version(tmp_pat
         raise OSError("disk full")
 
     monkeypatch.setattr(writer, "_as_label_dtype", fail)
-    changed = CanonicalVolume(small_volume().image + 1, (1.5,) * 3, (0.0,) * 3, labels={"seg": small_volume().labels["seg"]})
+    changed = CanonicalVolume(
+        small_volume().image + 1,
+        (1.5,) * 3,
+        (0.0,) * 3,
+        labels={"seg": small_volume().labels["seg"]},
+    )
     with pytest.raises(OSError, match="disk full"):
         write_scan(store_path, "a", "p", changed)
     assert list_partial_scans(store_path) == []

@@ -89,9 +89,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         if not any(cell.strip() for cell in row):
             continue  # blank line
         if len(row) != len(header):
-            raise InputError(
-                path, f"line {line}: {len(row)} fields, the header has {len(header)}"
-            )
+            raise InputError(path, f"line {line}: {len(row)} fields, the header has {len(header)}")
         records.append([cell.strip() for cell in row])
     # Everything stays text: ids keep leading zeros and "NA" is a name, not a missing value.
     return pd.DataFrame(records, columns=header, dtype=str)
@@ -130,7 +128,9 @@ def _check_cells(path: Path, manifest: pd.DataFrame) -> None:
 
 def _check_unique_scans(path: Path, manifest: pd.DataFrame) -> None:
     first_line: dict[str, int] = {}
-    for position, (scan_id, patient_id) in enumerate(zip(manifest["scan_id"], manifest["patient_id"])):
+    for position, (scan_id, patient_id) in enumerate(
+        zip(manifest["scan_id"], manifest["patient_id"])
+    ):
         line = position + _FIRST_DATA_LINE
         if scan_id not in first_line:
             first_line[scan_id] = line
@@ -149,7 +149,8 @@ def _check_unique_scans(path: Path, manifest: pd.DataFrame) -> None:
 def _resolve(folder: Path, value: str) -> str:
     if not value:
         return value  # an empty label cell: this scan has no such label
-    return str((folder / Path(value).expanduser()).resolve())
+    # abspath, not resolve(): keep the user's symlinks in the recorded paths.
+    return os.path.abspath(folder / Path(value).expanduser())
 
 
 def _check_files_exist(path: Path, manifest: pd.DataFrame) -> None:

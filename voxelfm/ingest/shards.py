@@ -139,7 +139,9 @@ def run_shard(
         shutil.rmtree(out_store)
     os.rename(work_store, out_store)
     statuses = [status for status, _ in outcomes]
-    return ShardReport(statuses.count("stored"), statuses.count("resumed"), statuses.count("failed"))
+    return ShardReport(
+        statuses.count("stored"), statuses.count("resumed"), statuses.count("failed")
+    )
 
 
 def _work_store(out_store: Path) -> Path:
@@ -162,21 +164,27 @@ def _ingest_scan(
     started = time.perf_counter()
     try:
         fingerprint = input_fingerprint(
-            image, labels, spacing=settings["spacing"], hu_range=settings["hu_range"],
+            image,
+            labels,
+            spacing=settings["spacing"],
+            hu_range=settings["hu_range"],
             series_uid=series_uid,
         )
         stored_qc = _stored_qc_if_current(store, scan_id, patient_id, fingerprint)
         if stored_qc is not None:
             return "resumed", stored_qc
         volume = preprocess_scan(
-            image, labels, spacing=settings["spacing"], hu_range=settings["hu_range"],
+            image,
+            labels,
+            spacing=settings["spacing"],
+            hu_range=settings["hu_range"],
             series_uid=series_uid,
         )
         qc = {"scan_id": scan_id, "patient_id": patient_id, **scan_qc(volume)}
         qc["elapsed_s"] = round(time.perf_counter() - started, 3)
         write_scan(store, scan_id, patient_id, volume, input_fingerprint=fingerprint, qc=qc)
         return "stored", qc
-    except Exception as error:  # noqa: BLE001 - any failure of one scan is recorded, not fatal
+    except Exception as error:
         if settings["strict"]:
             raise
         delete_scan(store, scan_id)  # a stale copy from an earlier run must not survive

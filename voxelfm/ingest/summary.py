@@ -85,10 +85,16 @@ def mosaic_png(store: VolumeStore | None, scan_ids: Sequence[str]) -> bytes:
     )
     figure.patch.set_facecolor("black")
     figure.text(
-        0.5, 1 - 0.5 * HEADER_INCHES / figure.get_figheight(),
+        0.5,
+        1 - 0.5 * HEADER_INCHES / figure.get_figheight(),
         "axial W400/L40 | coronal W1500/L-600 -- patient's right on image left, "
-        "anterior / superior up" if scan_ids else "no scans stored",
-        color="white", ha="center", va="center", fontsize=9,
+        "anterior / superior up"
+        if scan_ids
+        else "no scans stored",
+        color="white",
+        ha="center",
+        va="center",
+        fontsize=9,
     )
     top = 1 - HEADER_INCHES / figure.get_figheight()
     height = row_inches / figure.get_figheight()
@@ -103,15 +109,29 @@ def mosaic_png(store: VolumeStore | None, scan_ids: Sequence[str]) -> bytes:
         for panel, (plane, aspect, (level, width)) in enumerate(panels):
             left = (2 * column + panel) / (2 * columns)
             bottom = top - (row + 1) * height
-            axes = figure.add_axes((left, bottom, 1 / (2 * columns), height * PANEL_INCHES / row_inches))
+            axes = figure.add_axes(
+                (left, bottom, 1 / (2 * columns), height * PANEL_INCHES / row_inches)
+            )
             axes.imshow(
-                radiological_view(plane), cmap="gray", vmin=level - width / 2,
-                vmax=level + width / 2, aspect=aspect, interpolation="nearest",
+                radiological_view(plane),
+                cmap="gray",
+                vmin=level - width / 2,
+                vmax=level + width / 2,
+                aspect=aspect,
+                interpolation="nearest",
             )
             axes.set_axis_off()
             if panel == 0:
-                axes.text(0.0, 1.02, scan_id, color="white", fontsize=8,
-                          transform=axes.transAxes, va="bottom", clip_on=False)
+                axes.text(
+                    0.0,
+                    1.02,
+                    scan_id,
+                    color="white",
+                    fontsize=8,
+                    transform=axes.transAxes,
+                    va="bottom",
+                    clip_on=False,
+                )
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=MOSAIC_DPI, facecolor="black")
     return buffer.getvalue()
@@ -129,8 +149,10 @@ def radiological_view(plane: np.ndarray) -> np.ndarray:
 
 def _concat(paths: Sequence[str | os.PathLike], id_columns: list[str]) -> pd.DataFrame:
     # Only empty cells are missing: a patient called "NA" stays a string.
-    tables = [pd.read_csv(p, dtype={c: str for c in id_columns}, keep_default_na=False, na_values=[""])
-              for p in paths]
+    tables = [
+        pd.read_csv(p, dtype={c: str for c in id_columns}, keep_default_na=False, na_values=[""])
+        for p in paths
+    ]
     tables = [t for t in tables if not t.empty]
     if not tables:
         return pd.DataFrame(columns=id_columns)

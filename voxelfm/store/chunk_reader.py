@@ -24,9 +24,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import numcodecs.blosc
 import numcodecs.zstd
+import numpy as np
 import zarr
 from zarr.codecs import (
     BloscCodec,
@@ -132,7 +132,10 @@ class ChunkReader:
     def _read_file(self, file_index, file_lo, file_hi, lo, out, buffer) -> None:
         """Fill the part ``[file_lo, file_hi)`` of the block starting at ``lo`` from one file."""
         chunk_pieces = [
-            [(i, src, slice(dst.start + fl - l, dst.stop + fl - l)) for i, src, dst in _pieces(fl, fh, n)]
+            [
+                (i, src, slice(dst.start + fl - l, dst.stop + fl - l))
+                for i, src, dst in _pieces(fl, fh, n)
+            ]
             for fl, fh, l, n in zip(file_lo, file_hi, lo, self.chunk_shape)
         ]
         path = self.array_dir.joinpath("c", *map(str, file_index))
@@ -207,5 +210,7 @@ def _pieces(lo: int, hi: int, cell: int) -> list[tuple[int, slice, slice]]:
     pieces = []
     for index in range(lo // cell, (hi - 1) // cell + 1):
         start, stop = max(lo, index * cell), min(hi, (index + 1) * cell)
-        pieces.append((index, slice(start - index * cell, stop - index * cell), slice(start - lo, stop - lo)))
+        pieces.append(
+            (index, slice(start - index * cell, stop - index * cell), slice(start - lo, stop - lo))
+        )
     return pieces

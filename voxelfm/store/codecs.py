@@ -1,7 +1,15 @@
 """Chunk shape and compressor of stored volumes, and the names used to pick others.
 
 The defaults were chosen by ``benchmarks/bench_crop_reads.py --sweep`` (table in
-``benchmarks/README.md``): see the comment on ``DEFAULT_CHUNKS``.
+``benchmarks/README.md``) for the pretraining access pattern, random 112^3 and 56^3 crops:
+
+- 32^3 chunks: a crop decodes ~2x its own size (64^3: ~4x; 128^3: ~10x), and inside one
+  Zarr shard file per array the extra chunks cost one pread each, not one file each.
+  Read time per crop set: 32^3 16 ms, 64^3 23 ms, 128^3 53 ms (Blosc-LZ4).
+- Blosc-LZ4 with byte shuffle: decodes 2-3x faster than any Zstd variant (16 vs 37-48 ms
+  per crop set) for 2.2x compression on real CT, against 2.4-2.9x for Zstd. Reads are what
+  pretraining repeats millions of times; the ~25% extra storage is the price.
+- Uncompressed is 1.8x faster still (9 ms) at 2.2x the storage: ``make_compressor("none")``.
 """
 
 from __future__ import annotations

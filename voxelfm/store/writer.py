@@ -161,7 +161,9 @@ def _scan_attributes(
     input_fingerprint: str | None,
     qc: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    provenance = {key: volume.meta.get(key, _PROVENANCE_DEFAULTS.get(key)) for key in PROVENANCE_KEYS}
+    provenance = {
+        key: volume.meta.get(key, _PROVENANCE_DEFAULTS.get(key)) for key in PROVENANCE_KEYS
+    }
     attrs = {
         "scan_id": scan_id,
         "patient_id": str(patient_id),
