@@ -137,3 +137,29 @@ def test_bad_labels_are_reported():
         classification.label_kind(np.array([0.5, 1.0]))
     with pytest.raises(VoxelFMError, match="feature rows"):
         fit_select_logistic(X, np.array([0, 1, 0]), X, np.array([0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("tied", [False, True])
+def test_numpy_metrics_equal_sklearn(seed, tied):
+    """The bootstrap's fast AUROC / AUPRC / balanced accuracy against scikit-learn."""
+    from sklearn.metrics import average_precision_score, balanced_accuracy_score
+
+    from voxelfm.probes.classification import auprc, balanced_accuracy
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 37)
+    y[:2] = (0, 1)
+    scores = rng.random(37)
+    if tied:
+        scores = np.round(scores * 4) / 4  # few distinct values: many ties
+    assert auroc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    assert auprc(y, scores) == pytest.approx(average_precision_score(y, scores), abs=1e-12)
+    assert balanced_accuracy(y, scores, 0.5) == pytest.approx(
+        balanced_accuracy_score(y, scores >= 0.5), abs=1e-12
+    )
+    labels = rng.integers(0, 2, (37, 3))
+    label_scores = rng.random((37, 3))
+    assert auroc(labels, label_scores) == pytest.approx(
+        roc_auc_score(labels, label_scores, average="macro"), abs=1e-12
+    )

@@ -39,13 +39,81 @@ def pretrain_stores():
     return [store for ds in datasets for store in shard_stores(ds)]
 
 
+PRETRAINED_BACKBONE = RESULTS / "pretrain" / "teacher_backbone"
+EVALUATION = config["evaluation"]
+EVAL_DATASET = EVALUATION["dataset"] or DATASETS[0]
+BACKBONES = list(EVALUATION["backbones"])
+TASKS = list(EVALUATION["tasks"])
+
+
+def backbone_spec(backbone):
+    """The backbone's config spec with "pretrained" replaced by the exported teacher."""
+    spec = dict(EVALUATION["backbones"][backbone])
+    for key in ("path", "like"):
+        if spec.get(key) == "pretrained":
+            if not config["pretrain"]["enabled"]:
+                raise ValueError(
+                    f"backbone {backbone!r} uses the pretrained teacher but pretrain.enabled "
+                    "is false"
+                )
+            spec[key] = str(PRETRAINED_BACKBONE)
+    return spec
+
+
+def backbone_inputs(wildcards):
+    """Files a backbone is built from that this workflow produces (the exported teacher)."""
+    spec = backbone_spec(wildcards.backbone)
+    return [spec[k] for k in ("path", "like") if spec.get(k) == str(PRETRAINED_BACKBONE)]
+
+
+def embedding_store(backbone, dataset=EVAL_DATASET):
+    return RESULTS / "embeddings" / backbone / f"{dataset}.zarr"
+
+
+def label_table(dataset=EVAL_DATASET):
+    spec = config["datasets"][dataset]
+    if "labels" in spec:
+        return spec["labels"]
+    if "synthetic" in spec:
+        return RESULTS / "synthetic" / dataset / "labels.csv"
+    raise ValueError(f"dataset {dataset!r} has no label table (datasets.{dataset}.labels)")
+
+
+def probe_result(task, backbone):
+    return RESULTS / "evaluation" / task / backbone
+
+
+def extraction_options():
+    """`voxelfm embed` options from the evaluation.extraction config."""
+    options = EVALUATION["extraction"]
+    flags = [
+        f"--mode {options['mode']}",
+        f"--overlap {options['overlap']}",
+        f"--batch-size {options['batch_size']}",
+        f"--precision {options['precision']}",
+    ]
+    if options["window"] is not None:
+        flags.append(f"--window {options['window']}")
+    if options["max_patches"] is not None:
+        flags.append(f"--max-patches {options['max_patches']}")
+    return " ".join(flags)
+
+
+def evaluation_enabled():
+    return EVALUATION["enabled"] and bool(TASKS)
+
+
 def all_targets():
     targets = [dataset_dir(ds) / "summary" / "summary.json" for ds in DATASETS]
     if config["pretrain"]["enabled"]:
-        targets.append(RESULTS / "pretrain" / "teacher_backbone")
+        targets.append(PRETRAINED_BACKBONE)
+    if evaluation_enabled():
+        targets.append(RESULTS / "report")
     return targets
 
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_\-]+",
+    backbone=r"[A-Za-z0-9_\-]+",
+    task=r"[A-Za-z0-9_\-]+",
     shard=r"\d{3}",

@@ -1,0 +1,240 @@
+"""Tasks as configuration: what a probe predicts, from which columns, on which split.
+
+A task is a mapping from the workflow config (``evaluation.tasks.<name>``), e.g.::
+
+    finding:      {category: classification, labels: [finding], probes: [logistic, knn]}
+    liver_volume: {category: regression, labels: [target], probes: [ridge, mlp]}
+    survival:     {category: survival, labels: [survival_time, event], probes: [cox]}
+    repeat_scan:  {category: retrieval, probes: [gallery, pool]}
+
+``labels`` names the label-table columns: one column (binary or multi-class) or several 0/1
+columns (multi-label) for classification, one for regression, (time, event) for survival,
+none for instance retrieval (positives are the other scans of the same patient). The split
+comes from the table's ``split_column`` (train / val / test per scan) and is checked to be
+patient-level before anything is fitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from voxelfm.errors import InputError, VoxelFMError
+from voxelfm.probes.splits import check_patient_level_split
+
+Category = Literal["classification", "regression", "survival", "retrieval"]
+FeatureKind = Literal["cls", "pooled", "cls+pooled"]
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"validation": "val", "valid": "val", "training": "train", "testing": "test"}
+
+# Probes that read patch tokens (pooled to a fixed grid) instead of one vector per scan.
+TOKEN_PROBES = frozenset({"attentive"})
+RETRIEVAL_PROTOCOLS = ("gallery", "pool")
+DEFAULT_PROBES: dict[str, tuple[str, ...]] = {
+    "classification": ("logistic", "knn", "attentive"),
+    "regression": ("ridge", "mlp"),
+    "survival": ("cox", "mlp_cox"),
+    "retrieval": RETRIEVAL_PROTOCOLS,
+}
+_N_LABEL_COLUMNS = {"regression": 1, "survival": 2, "retrieval": 0}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One evaluation task, validated.
+
+    Attributes:
+        name: task name (the workflow wildcard).
+        category: classification, regression, survival or retrieval.
+        labels: label-table columns (see the module docstring).
+        probes: probe names (``voxelfm.probes.registry``), or retrieval protocols.
+        features: which global embedding the vector probes see.
+        split_column: label-table column holding train / val / test.
+        token_grid: patch tokens are average-pooled to this grid for token probes.
+        label_fractions: fractions of training patients for the data-efficiency sweep
+            (empty: no sweep); the sweep runs the first probe of the list.
+        sweep_repeats: subsamples per fraction.
+        seed: seeds probe initialisation and the sweep's subsamples.
+    """
+
+    name: str
+    category: Category
+    labels: tuple[str, ...]
+    probes: tuple[str, ...]
+    features: FeatureKind = "cls+pooled"
+    split_column: str = "split"
+    token_grid: tuple[int, int, int] = (4, 4, 4)
+    label_fractions: tuple[float, ...] = ()
+    sweep_repeats: int = 3
+    seed: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, name: str, spec: Mapping[str, Any]) -> TaskSpec:
+        spec = dict(spec)
+        category = spec.pop("category", None)
+        if category not in DEFAULT_PROBES:
+            raise VoxelFMError(
+                f"task {name!r}: category must be one of {sorted(DEFAULT_PROBES)}, got {category!r}"
+            )
+        labels = tuple(spec.pop("labels", ()) or ())
+        expected = _N_LABEL_COLUMNS.get(category)
+        if expected is not None and len(labels) != expected:
+            raise VoxelFMError(
+                f"task {name!r}: a {category} task needs {expected} label column(s), "
+                f"got {list(labels)}"
+            )
+        if category == "classification" and not labels:
+            raise VoxelFMError(f"task {name!r}: a classification task needs label column(s)")
+        probes = tuple(spec.pop("probes", None) or DEFAULT_PROBES[category])
+        if category == "retrieval":
+            unknown = sorted(set(probes) - set(RETRIEVAL_PROTOCOLS))
+            if unknown:
+                raise VoxelFMError(
+                    f"task {name!r}: unknown retrieval protocol(s) {unknown}; "
+                    f"known: {list(RETRIEVAL_PROTOCOLS)}"
+                )
+        else:
+            from voxelfm.probes.registry import PROBE_FITTERS
+
+            unknown = sorted(set(probes) - set(PROBE_FITTERS[category]))
+            if unknown:
+                raise VoxelFMError(
+                    f"task {name!r}: unknown {category} probe(s) {unknown}; "
+                    f"known: {sorted(PROBE_FITTERS[category])}"
+                )
+        features = spec.pop("features", "cls+pooled")
+        if features not in ("cls", "pooled", "cls+pooled"):
+            raise VoxelFMError(f"task {name!r}: features must be cls, pooled or cls+pooled")
+        known = {
+            "split_column": str,
+            "token_grid": lambda v: tuple(int(x) for x in v),
+            "label_fractions": lambda v: tuple(float(x) for x in v),
+            "sweep_repeats": int,
+            "seed": int,
+        }
+        options = {key: convert(spec.pop(key)) for key, convert in known.items() if key in spec}
+        spec.pop("description", None)
+        if spec:
+            raise VoxelFMError(f"task {name!r}: unknown setting(s) {sorted(spec)}")
+        return cls(
+            name=name,
+            category=category,
+            labels=labels,
+            probes=probes,
+            features=features,
+            **options,
+        )
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The rows of one task: embeddings aligned with labels and splits.
+
+    Attributes:
+        rows: one row per usable scan (scan_id, patient_id, split, the label columns), in the
+            order of the embedding store.
+        embedding_rows: (n,) row index of each scan in the embedding store.
+        dropped: scan_id -> why it is not used (no embedding, missing label, no split).
+    """
+
+    rows: pd.DataFrame
+    embedding_rows: np.ndarray
+    dropped: dict[str, str]
+
+    def split_mask(self, split: str) -> np.ndarray:
+        return (self.rows["split"] == split).to_numpy()
+
+    def targets(self, task: TaskSpec) -> np.ndarray:
+        """Targets in the probes' convention (see ``voxelfm.probes``)."""
+        if task.category == "survival":
+            return self.rows[list(task.labels)].to_numpy(dtype=np.float64)
+        if task.category == "regression":
+            return self.rows[task.labels[0]].to_numpy(dtype=np.float64)
+        if len(task.labels) == 1:
+            return self.rows[task.labels[0]].to_numpy(dtype=np.int64)
+        return self.rows[list(task.labels)].to_numpy(dtype=np.int64)
+
+
+def read_label_table(path) -> pd.DataFrame:
+    """The label table (CSV, one row per scan with at least ``scan_id`` and ``patient_id``)."""
+    try:
+        table = pd.read_csv(path, dtype={"scan_id": str, "patient_id": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise InputError(path, f"cannot read the label table: {error}") from None
+    missing = {"scan_id", "patient_id"} - set(table.columns)
+    if missing:
+        raise InputError(path, f"label table lacks column(s) {sorted(missing)}")
+    duplicated = table["scan_id"][table["scan_id"].duplicated()]
+    if len(duplicated):
+        raise InputError(path, f"scan_id repeated in the label table: {duplicated.iloc[0]!r}")
+    return table
+
+
+def align_task(
+    task: TaskSpec,
+    labels: pd.DataFrame,
+    scan_ids: Sequence[str],
+    patient_ids: Sequence[str],
+    *,
+    source: str = "label table",
+) -> TaskData:
+    """Join embeddings and labels by scan, normalise the split and check it is patient-level.
+
+    Scans without an embedding, a label value or a split are dropped and reported, never
+    silently imputed. A patient whose scans fall in two splits raises ``PatientLeakageError``.
+    """
+    # Retrieval fits nothing, so every scan queries and no split is needed.
+    is_retrieval = task.category == "retrieval"
+    needed = [*task.labels] if is_retrieval else [*task.labels, task.split_column]
+    missing_columns = [c for c in needed if c not in labels.columns]
+    if missing_columns:
+        raise VoxelFMError(f"task {task.name!r}: {source} lacks column(s) {missing_columns}")
+    embedded = pd.DataFrame(
+        {"scan_id": list(map(str, scan_ids)), "embedding_patient": list(map(str, patient_ids))}
+    )
+    embedded["embedding_row"] = np.arange(len(embedded))
+    table = labels[["scan_id", "patient_id", *needed]].copy()
+    if is_retrieval:
+        table["split"] = "test"
+    else:
+        table["split"] = (
+            table[task.split_column]
+            .astype("string")
+            .str.strip()
+            .str.lower()
+            .replace(_SPLIT_ALIASES)
+        )
+    merged = table.merge(embedded, on="scan_id", how="left")
+    dropped: dict[str, str] = {}
+    for scan_id in merged.loc[merged["embedding_row"].isna(), "scan_id"]:
+        dropped[scan_id] = "no embedding (failed preprocessing or extraction)"
+    merged = merged.dropna(subset=["embedding_row"])
+    disagree = merged[merged["patient_id"] != merged["embedding_patient"]]
+    if len(disagree):
+        first = disagree.iloc[0]
+        raise VoxelFMError(
+            f"task {task.name!r}: scan {first.scan_id} is patient {first.patient_id!r} in the "
+            f"{source} but {first.embedding_patient!r} in the embedding store"
+        )
+    for scan_id in merged.loc[~merged["split"].isin(SPLITS), "scan_id"]:
+        dropped[scan_id] = f"split is not one of {SPLITS}"
+    merged = merged[merged["split"].isin(SPLITS)]
+    if task.labels:
+        incomplete = merged[list(task.labels)].isna().any(axis=1)
+        for scan_id in merged.loc[incomplete, "scan_id"]:
+            dropped[scan_id] = "missing label value"
+        merged = merged[~incomplete]
+    check_patient_level_split(merged["patient_id"].to_numpy(), merged["split"].to_numpy())
+    merged = merged.sort_values("embedding_row", kind="stable")
+    rows = merged[["scan_id", "patient_id", "split", *task.labels]].reset_index(drop=True)
+    if not is_retrieval:
+        empty = [s for s in SPLITS if not (rows["split"] == s).any()]
+        if empty:
+            raise VoxelFMError(f"task {task.name!r}: no usable scans in split(s) {empty}")
+    return TaskData(rows, merged["embedding_row"].to_numpy(dtype=np.int64), dropped)

@@ -1,0 +1,78 @@
+# Frozen-feature evaluation: embed every scan with every backbone, fit each task's probes per
+# backbone, and put the results side by side. A task's settings are a param of its own probe
+# jobs only, so changing one task reruns that task's probes and the report, nothing else.
+
+
+rule embed:
+    input:
+        stores=lambda wc: shard_stores(wc.dataset),
+        backbone=backbone_inputs,
+    output:
+        directory(RESULTS / "embeddings" / "{backbone}" / "{dataset}.zarr"),
+    log:
+        LOGS / "embed" / "{backbone}" / "{dataset}.log",
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        # The slurm profile gives extraction one GPU; 0 runs on CPU.
+        gpu=0,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        spec=lambda wc: as_cli_json(backbone_spec(wc.backbone)),
+        options=extraction_options(),
+    shell:
+        "voxelfm embed --stores {input.stores} --backbone {wildcards.backbone}"
+        " --spec {params.spec} --out {output} {params.options} --threads {threads}"
+        " > {log} 2>&1"
+
+
+rule probe:
+    input:
+        embeddings=lambda wc: embedding_store(wc.backbone),
+        labels=label_table(),
+    output:
+        directory(RESULTS / "evaluation" / "{task}" / "{backbone}"),
+    log:
+        LOGS / "probe" / "{task}" / "{backbone}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        task=lambda wc: as_cli_json(EVALUATION["tasks"][wc.task]),
+        bootstrap=as_cli_json(EVALUATION["bootstrap"]),
+    shell:
+        "OMP_NUM_THREADS={threads} voxelfm probe --embeddings {input.embeddings}"
+        " --labels {input.labels} --task-name {wildcards.task} --task {params.task}"
+        " --bootstrap {params.bootstrap} --out {output} > {log} 2>&1"
+
+
+rule aggregate:
+    input:
+        [probe_result(task, backbone) for task in TASKS for backbone in BACKBONES],
+    output:
+        report(
+            directory(RESULTS / "report"),
+            patterns=["{name}.png"],
+            category="Results",
+            caption="../report/results.rst",
+        ),
+    log:
+        LOGS / "aggregate.log",
+    conda:
+        CONDA_ENV
+    params:
+        results=" ".join(
+            f"{task}={backbone}={probe_result(task, backbone)}"
+            for task in TASKS
+            for backbone in BACKBONES
+        ),
+        backbones=" ".join(BACKBONES),
+        bootstrap=as_cli_json(EVALUATION["bootstrap"]),
+    shell:
+        "voxelfm report --results {params.results} --backbones {params.backbones}"
+        " --bootstrap {params.bootstrap} --out {output} > {log} 2>&1"
