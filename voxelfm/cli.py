@@ -34,7 +34,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 
 def _cmd_manifest(args: argparse.Namespace) -> None:
-    from voxelfm.ingest.atomic import write_csv_atomically
+    from voxelfm.utils.atomic import write_csv_atomically
     from voxelfm.ingest.manifest import read_manifest
 
     source = Path(args.source)
@@ -94,6 +94,46 @@ def _cmd_export(args: argparse.Namespace) -> None:
     export_teacher_backbone(args.run, args.out)
 
 
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from voxelfm.extract.cli import run_embed
+
+    run_embed(args)
+
+
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from voxelfm.evaluation import BootstrapSettings, TaskSpec, read_label_table, run_task
+    from voxelfm.extract import EmbeddingStore
+
+    task = TaskSpec.from_config(args.task_name, args.task)
+    out = run_task(
+        EmbeddingStore(args.embeddings),
+        read_label_table(args.labels),
+        task,
+        args.out,
+        bootstrap=BootstrapSettings.from_config(args.bootstrap),
+        labels_source=str(args.labels),
+    )
+    print(f"task {task.name} ({task.category}) evaluated: {out}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from voxelfm.evaluation import BootstrapSettings, aggregate
+
+    results = {}
+    for item in args.results:
+        task, backbone, path = item.split("=", 2) if item.count("=") == 2 else (None, None, item)
+        if task is None:
+            raise VoxelFMError(f"--results items are TASK=BACKBONE=FOLDER, got {item!r}")
+        results[(task, backbone)] = path
+    out = aggregate(
+        results,
+        args.out,
+        backbones=args.backbones,
+        bootstrap=BootstrapSettings.from_config(args.bootstrap),
+    )
+    print(f"report written: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="voxelfm", description="VoxelFM: CT preprocessing, pretraining and evaluation."
@@ -143,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = add("export", _cmd_export, "Export the teacher backbone of a pretraining run.")
     cmd.add_argument("--run", required=True, help="pretraining run folder")
     cmd.add_argument("--out", required=True, help="backbone folder (safetensors + config)")
+
+    from voxelfm.extract.cli import add_embed_arguments  # argparse only: cheap
+
+    cmd = add("embed", _cmd_embed, "Extract frozen backbone features from shard stores.")
+    add_embed_arguments(cmd)
+
+    cmd = add("probe", _cmd_probe, "Fit and evaluate one task's probes on one embedding store.")
+    cmd.add_argument("--embeddings", required=True, help="embedding store (voxelfm embed)")
+    cmd.add_argument("--labels", required=True, help="label table CSV (scan_id, patient_id, ...)")
+    cmd.add_argument("--task-name", required=True)
+    cmd.add_argument("--task", type=_json_arg, required=True, help="JSON task settings")
+    cmd.add_argument("--bootstrap", type=_json_arg, default={}, help="JSON bootstrap settings")
+    cmd.add_argument("--out", required=True, help="result folder to write")
+
+    cmd = add("report", _cmd_report, "Put every probe result side by side: tables and plots.")
+    cmd.add_argument("--results", nargs="+", required=True, help="TASK=BACKBONE=FOLDER items")
+    cmd.add_argument("--backbones", nargs="+", help="display order; the first is the reference")
+    cmd.add_argument("--bootstrap", type=_json_arg, default={}, help="JSON bootstrap settings")
+    cmd.add_argument("--out", required=True, help="report folder to write")
 
     return parser
 

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from voxelfm.errors import VoxelFMError
+from voxelfm.extract.normalisation import standardise_hu
 
 Triple = tuple[int, int, int]
 
@@ -300,8 +301,8 @@ class MultiCropAugmentation:
         if plan.noise_seed is not None:
             noise = np.random.default_rng(plan.noise_seed).standard_normal(hu.shape, np.float32)
             hu = hu + cfg.noise_std * torch.from_numpy(noise)
-        hu = hu.clamp(*cfg.hu_clip)
-        return ((hu - cfg.normalisation_mean) / cfg.normalisation_std).contiguous()[None]
+        hu = standardise_hu(hu, cfg.hu_clip, cfg.normalisation_mean, cfg.normalisation_std)
+        return hu.contiguous()[None]
 
 
 def _clip_to_random_window(

@@ -1,0 +1,440 @@
+"""The embedding store: one Zarr v3 group per (backbone, dataset), written atomically.
+
+Layout of ``<out>.zarr``::
+
+    zarr.json          root attributes:
+                         format "voxelfm-embeddings", format_version 1, voxelfm_version
+                         backbone      extractor.describe(): kind, name, spec, embed_dim,
+                                       patch_size, normalisation, architecture, ...
+                         embed_dim, patch_size, mode (requested), extraction (options)
+                         preprocessing (source stores, spacing / HU range / version seen)
+                         n_scans, scan_ids, patient_ids, modes (row order)
+                         failed_scans  [{"scan_id", "error"}] scans that could not be embedded
+    cls/               (N, D) float16, row n = scan_ids[n]; final-norm CLS / global vector
+    pooled/            (N, D) float16, mean of the patch tokens
+    patch/<scan_id>/   (gx, gy, gz, D) float16, one chunk per scan; attributes grid_affine
+                       (4x4 token index -> RAS mm of the patch centre), grid_shape,
+                       volume_shape, spacing, origin, mode, n_windows
+
+The store is built in a temporary folder beside ``<out>`` and renamed into place when
+complete (``voxelfm.utils.atomic.atomic_directory``): a failed run leaves no partial store
+and an existing store is replaced only by a complete one. Patch tokens are written scan by
+scan as they arrive, so a cohort's tokens never have to fit in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+import voxelfm
+from voxelfm.errors import InputError, VoxelFMError
+from voxelfm.extract.backbones import FeatureExtractor, _jsonable
+from voxelfm.extract.extractor import Features
+from voxelfm.store.layout import SAFE_NAME_RULE, is_safe_name
+from voxelfm.utils.atomic import atomic_directory
+
+FORMAT = "voxelfm-embeddings"
+FORMAT_VERSION = 1
+PATCH_GROUP = "patch"
+GLOBAL_KINDS = ("cls", "pooled", "cls+pooled")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class EmbeddingRecord:
+    """One scan's result: its features, or the one-line reason it could not be embedded."""
+
+    scan_id: str
+    patient_id: str
+    features: Features | None = None
+    error: str | None = None
+
+
+def write_embeddings(
+    out_path: str | os.PathLike,
+    records: Iterable[EmbeddingRecord],
+    backbone: FeatureExtractor | Mapping[str, Any],
+    *,
+    mode: str = "auto",
+    extraction: Mapping[str, Any] | None = None,
+    preprocessing: Mapping[str, Any] | Any = None,
+    store_patches: bool = True,
+) -> Path:
+    """Write the embedding store (layout in the module docstring) atomically; returns it.
+
+    Args:
+        out_path: the store folder (``*.zarr``); replaced if it exists, once complete.
+        records: EmbeddingRecord per scan, consumed lazily (a generator streams).
+        backbone: the extractor, or its ``describe()`` mapping.
+        mode, extraction: the extraction options, recorded in the attributes.
+        preprocessing: provenance of the volumes (JSON-serialisable), or a callable
+            returning it, called after ``records`` is exhausted.
+        store_patches: also write the per-scan patch tokens.
+
+    Raises:
+        VoxelFMError: no scan could be embedded (nothing is written), or two records share
+            a scan id. A record whose features are not finite in float16 is listed as failed.
+    """
+    description = backbone.describe() if isinstance(backbone, FeatureExtractor) else dict(backbone)
+    out_path = Path(out_path)
+    with atomic_directory(out_path) as tmp:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        patch_group = root.create_group(PATCH_GROUP) if store_patches else None
+        scan_ids: list[str] = []
+        patient_ids: list[str] = []
+        modes: list[str] = []
+        cls_rows: list[np.ndarray] = []
+        pooled_rows: list[np.ndarray] = []
+        failed: list[dict[str, str]] = []
+        seen: set[str] = set()
+        embed_dim: int | None = description.get("embed_dim")
+        for record in records:
+            if not is_safe_name(record.scan_id):
+                raise VoxelFMError(f"scan_id {record.scan_id!r} {SAFE_NAME_RULE}")
+            if record.scan_id in seen:
+                raise VoxelFMError(f"scan_id {record.scan_id!r} appears twice")
+            seen.add(record.scan_id)
+            error = record.error or _feature_problem(record.features, embed_dim)
+            if error is not None:
+                failed.append({"scan_id": record.scan_id, "error": error})
+                continue
+            features = record.features
+            assert features is not None
+            embed_dim = int(features.cls.shape[0])
+            scan_ids.append(record.scan_id)
+            patient_ids.append(str(record.patient_id))
+            modes.append(features.mode)
+            cls_rows.append(features.cls.astype(np.float16))
+            pooled_rows.append(features.pooled.astype(np.float16))
+            if patch_group is not None and features.patch is not None:
+                _write_patch(patch_group, record.scan_id, features)
+        if not scan_ids:
+            detail = f"; first: {failed[0]['scan_id']}: {failed[0]['error']}" if failed else ""
+            raise VoxelFMError(
+                f"no scan could be embedded ({len(failed)} failed){detail}; "
+                f"{out_path} was not written"
+            )
+        for name, rows in (("cls", cls_rows), ("pooled", pooled_rows)):
+            data = np.stack(rows)
+            root.create_array(name, data=data, chunks=data.shape)
+        if callable(preprocessing):
+            preprocessing = preprocessing()
+        root.attrs.update(
+            _jsonable(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "voxelfm_version": voxelfm.__version__,
+                    "backbone": description,
+                    "embed_dim": embed_dim,
+                    "patch_size": description.get("patch_size"),
+                    "mode": mode,
+                    "extraction": dict(extraction or {}),
+                    "preprocessing": preprocessing,
+                    "has_patch_tokens": patch_group is not None,
+                    "n_scans": len(scan_ids),
+                    "scan_ids": scan_ids,
+                    "patient_ids": patient_ids,
+                    "modes": modes,
+                    "failed_scans": failed,
+                }
+            )
+        )
+    return out_path
+
+
+def _feature_problem(features: Features | None, embed_dim: int | None) -> str | None:
+    if features is None:
+        return "no features"
+    arrays = [features.cls, features.pooled] + ([] if features.patch is None else [features.patch])
+    if embed_dim is not None and any(a.shape[-1] != embed_dim for a in arrays):
+        return f"feature width {features.cls.shape[-1]} differs from the store's {embed_dim}"
+    for array in arrays:
+        if not np.isfinite(array).all() or np.abs(array).max() > _FLOAT16_MAX:
+            return "features are not finite in float16"
+    return None
+
+
+def _write_patch(group: zarr.Group, scan_id: str, features: Features) -> None:
+    data = features.patch.astype(np.float16)  # type: ignore[union-attr]
+    array = group.create_array(scan_id, data=data, chunks=data.shape)
+    array.attrs.update(
+        _jsonable(
+            {
+                "grid_affine": np.asarray(features.grid_affine).tolist(),
+                "grid_shape": list(features.grid_shape or data.shape[:3]),
+                "volume_shape": list(features.volume_shape),
+                "spacing": list(features.spacing),
+                "origin": list(features.origin),
+                "mode": features.mode,
+                "n_windows": features.n_windows,
+            }
+        )
+    )
+
+
+class EmbeddingStore:
+    """Read an embedding store written by :func:`write_embeddings`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise InputError(self.path, "not an embedding store (no zarr.json)")
+        try:
+            self._root = zarr.open_group(self.path, mode="r")
+        except Exception as error:  # zarr raises several types for damaged metadata
+            raise InputError(self.path, f"cannot open the Zarr group: {error}") from error
+        self._attrs = self._root.attrs.asdict()
+        if self._attrs.get("format") != FORMAT:
+            raise InputError(self.path, f"not a {FORMAT} store")
+        if self._attrs.get("format_version") != FORMAT_VERSION:
+            raise InputError(
+                self.path,
+                f"format_version {self._attrs.get('format_version')} is not the supported "
+                f"{FORMAT_VERSION}",
+            )
+        self._row = {scan_id: row for row, scan_id in enumerate(self.scan_ids)}
+
+    def __len__(self) -> int:
+        return len(self.scan_ids)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({self.path}, backbone={self.backbone_name!r}, {len(self)} scans)"
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self._attrs
+
+    @property
+    def scan_ids(self) -> list[str]:
+        return list(self._attrs["scan_ids"])
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return list(self._attrs["patient_ids"])
+
+    @property
+    def backbone(self) -> dict[str, Any]:
+        return dict(self._attrs["backbone"])
+
+    @property
+    def backbone_name(self) -> str:
+        return str(self._attrs["backbone"].get("name"))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self._attrs["embed_dim"])
+
+    @property
+    def patch_size(self) -> int | None:
+        return self._attrs.get("patch_size")
+
+    @property
+    def failed_scans(self) -> list[dict[str, str]]:
+        return list(self._attrs.get("failed_scans", []))
+
+    def global_features(
+        self, kind: str = "cls", scan_ids: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """(N, D) float32 rows in ``scan_ids`` order (default: the store's); "cls+pooled"
+        concatenates the two, (N, 2D)."""
+        if kind not in GLOBAL_KINDS:
+            raise ValueError(f"kind must be one of {GLOBAL_KINDS}, got {kind!r}")
+        parts = [np.asarray(self._root[name][...], dtype=np.float32) for name in kind.split("+")]
+        matrix = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        if scan_ids is None:
+            return matrix
+        return matrix[[self._row_of(scan_id) for scan_id in scan_ids]]
+
+    def has_patch_tokens(self, scan_id: str) -> bool:
+        self._row_of(scan_id)
+        return f"{PATCH_GROUP}/{scan_id}" in self._root
+
+    def patch_tokens(self, scan_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(gx, gy, gz, D) float32 tokens and the (4, 4) token index -> RAS mm affine."""
+        array = self._patch_array(scan_id)
+        return np.asarray(array[...], dtype=np.float32), np.asarray(array.attrs["grid_affine"])
+
+    def patch_geometry(self, scan_id: str) -> dict[str, Any]:
+        """The attributes of the scan's token grid (grid_affine, grid_shape, volume_shape...)."""
+        return self._patch_array(scan_id).attrs.asdict()
+
+    def pooled_patch_grid(self, scan_id: str, grid: Sequence[int] = (4, 4, 4)) -> np.ndarray:
+        """Patch tokens average-pooled to a fixed ``grid`` and flattened (C order): (T, D).
+
+        Adaptive average pooling as ``torch.nn.functional.adaptive_avg_pool3d``: output
+        cell o along an axis of n tokens averages tokens ``[floor(o*n/m), ceil((o+1)*n/m))``
+        (m cells), so a token grid smaller than ``grid`` repeats tokens.
+        """
+        tokens, _ = self.patch_tokens(scan_id)
+        return adaptive_avg_pool(tokens, tuple(int(g) for g in grid)).reshape(-1, tokens.shape[-1])
+
+    def _patch_array(self, scan_id: str) -> zarr.Array:
+        if not self.has_patch_tokens(scan_id):
+            raise VoxelFMError(f"{self.path}: no patch tokens stored for scan {scan_id!r}")
+        return self._root[f"{PATCH_GROUP}/{scan_id}"]
+
+    def _row_of(self, scan_id: str) -> int:
+        try:
+            return self._row[scan_id]
+        except KeyError:
+            raise KeyError(f"scan {scan_id!r} is not in {self!r}") from None
+
+
+def adaptive_avg_pool(tokens: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+    """(n0, n1, n2, D) -> (*grid, D) adaptive average pooling over the three grid axes."""
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid must be three positive sizes, got {grid}")
+    out = tokens.astype(np.float64)
+    for axis, cells in enumerate(grid):
+        n = out.shape[axis]
+        bounds = [((o * n) // cells, -((-(o + 1) * n) // cells)) for o in range(cells)]
+        out = np.stack(
+            [out.take(range(lo, hi), axis=axis).mean(axis=axis) for lo, hi in bounds], axis=axis
+        )
+    return out.astype(np.float32)
+
+
+def embed_store(
+    stores: str | os.PathLike | Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    spec: Mapping[str, Any] | FeatureExtractor,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 4,
+    mode: str = "auto",
+    window: int | Sequence[int] | None = None,
+    overlap: float = 0.5,
+    max_patches: int | None = None,
+    scan_ids: Sequence[str] | None = None,
+    store_patches: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Embed every scan of the shard ``stores`` with one backbone into ``out_path``.
+
+    Args:
+        stores: shard store(s) or a folder of them (as ``VolumeStore``).
+        out_path: the embedding store to write (atomically; see ``write_embeddings``).
+        spec: backbone spec for ``build_extractor`` (or a built extractor).
+        name: the backbone's name in the store (overrides the spec's ``name``).
+        device, precision: see ``build_extractor``.
+        batch_size, mode, window, overlap, max_patches: see ``extract_features``.
+        scan_ids: a subset to embed (default: every complete scan, sorted).
+        store_patches: also store the per-scan patch tokens.
+        progress: a tqdm bar (rate, ETA) on stderr.
+
+    A scan that fails prints a one-line warning naming it on stderr and is listed in the
+    store's ``failed_scans``; if every scan fails, VoxelFMError is raised and nothing is
+    written.
+    """
+    from tqdm import tqdm
+
+    from voxelfm.extract.backbones import build_extractor
+    from voxelfm.extract.extractor import check_extraction_options, extract_features
+    from voxelfm.store import VolumeStore
+
+    if isinstance(spec, FeatureExtractor):
+        extractor = spec
+        if name is not None:  # a renamed shallow copy: the caller's extractor is untouched
+            extractor = copy.copy(spec)
+            extractor.name = name
+    else:
+        spec = dict(spec)
+        if name is not None:
+            spec["name"] = name
+        extractor = build_extractor(spec, device, precision=precision)
+    check_extraction_options(
+        extractor,
+        mode=mode,
+        window=window,
+        overlap=overlap,
+        max_patches=max_patches,
+        batch_size=batch_size,
+    )
+    volumes = VolumeStore(stores if isinstance(stores, (str, os.PathLike)) else list(stores))
+    ids = list(volumes.scan_ids if scan_ids is None else scan_ids)
+    unknown = [scan_id for scan_id in ids if scan_id not in volumes]
+    if unknown:
+        raise VoxelFMError(f"scans not in the stores: {', '.join(unknown[:5])}")
+    if not ids:
+        raise VoxelFMError("the stores hold no complete scan to embed")
+    seen_preprocessing: dict[str, set] = {"spacing_mm": set(), "hu_range": set(), "version": set()}
+
+    def records() -> Iterable[EmbeddingRecord]:
+        bar = tqdm(
+            ids,
+            desc=f"embed {extractor.name}",
+            unit="scan",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        for scan_id in bar:
+            patient_id = ""
+            try:
+                attrs = volumes.attrs(scan_id)
+                patient_id = str(attrs.get("patient_id", ""))
+                features = extract_features(
+                    volumes.read_volume(scan_id),
+                    extractor,
+                    spacing=attrs["spacing"],
+                    origin=attrs["origin"],
+                    mode=mode,
+                    window=window,
+                    overlap=overlap,
+                    max_patches=max_patches,
+                    batch_size=batch_size,
+                )
+            except Exception as error:  # noqa: BLE001 - one bad scan must not cost the cohort
+                reason = _one_line(error)
+                bar.write(f"voxelfm embed: warning: scan {scan_id}: {reason}", file=sys.stderr)
+                yield EmbeddingRecord(scan_id, patient_id, error=reason)
+                continue
+            seen_preprocessing["spacing_mm"].add(tuple(attrs["spacing"]))
+            seen_preprocessing["hu_range"].add(tuple(attrs.get("hu_range") or ()))
+            seen_preprocessing["version"].add(str(attrs.get("preprocessing_version")))
+            yield EmbeddingRecord(scan_id, patient_id, features)
+        bar.close()
+
+    def preprocessing() -> dict[str, Any]:
+        return {
+            "stores": sorted({str(volumes.store_path(scan_id)) for scan_id in ids}),
+            "spacing_mm": sorted(list(s) for s in seen_preprocessing["spacing_mm"]),
+            "hu_range": sorted(list(r) for r in seen_preprocessing["hu_range"]),
+            "preprocessing_version": sorted(seen_preprocessing["version"]),
+        }
+
+    extraction = {
+        "mode": mode,
+        "window": window,
+        "overlap": overlap,
+        "max_patches": max_patches,
+        "batch_size": batch_size,
+        "device": str(extractor.device),
+        "precision": getattr(extractor, "precision", "fp32"),
+    }
+    return write_embeddings(
+        out_path,
+        records(),
+        extractor,
+        mode=mode,
+        extraction=extraction,
+        preprocessing=preprocessing,
+        store_patches=store_patches,
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
