@@ -87,7 +87,9 @@ def test_task_spec_rejects_bad_settings():
     with pytest.raises(VoxelFMError, match="2 label column"):
         TaskSpec.from_config("t", {"category": "survival", "labels": ["time"]})
     with pytest.raises(VoxelFMError, match="unknown classification probe"):
-        TaskSpec.from_config("t", {"category": "classification", "labels": ["y"], "probes": ["svm"]})
+        TaskSpec.from_config(
+            "t", {"category": "classification", "labels": ["y"], "probes": ["svm"]}
+        )
     with pytest.raises(VoxelFMError, match="unknown setting"):
         TaskSpec.from_config("t", {"category": "regression", "labels": ["y"], "typo": 1})
     spec = TaskSpec.from_config("t", {"category": "survival", "labels": ["t", "e"]})
@@ -95,7 +97,7 @@ def test_task_spec_rejects_bad_settings():
 
 
 def test_leakage_guard_fails_loudly():
-    table, features = make_cohort()
+    table, _ = make_cohort()
     repeated = table[table.patient_id.duplicated(keep=False)].patient_id.iloc[0]
     rows = table.index[table.patient_id == repeated]
     table.loc[rows[0], "split"], table.loc[rows[1], "split"] = "train", "test"
@@ -105,7 +107,7 @@ def test_leakage_guard_fails_loudly():
 
 
 def test_alignment_reports_dropped_scans_and_checks_patients():
-    table, features = make_cohort()
+    table, _ = make_cohort()
     task = TaskSpec.from_config("volume", TASKS["volume"])
     table.loc[0, "target"] = np.nan
     embedded = table.iloc[:-1]  # the last scan has no embedding
@@ -224,8 +226,8 @@ def test_aggregate_report(tmp_path):
     noise = np.random.default_rng(3).standard_normal(features.shape)
     results = {}
     for backbone, feats in (("good", features), ("noise", noise)):
-        for name in TASKS:
-            task = TaskSpec.from_config(name, TASKS[name])
+        for name, settings in TASKS.items():
+            task = TaskSpec.from_config(name, settings)
             results[(name, backbone)] = run_task(
                 embeddings_of(table, feats, backbone=backbone),
                 table,
@@ -254,5 +256,7 @@ def test_paired_self_comparison_is_zero(tmp_path):
         )
         for b in ("a", "b")
     }
-    paired = pd.read_csv(aggregate(results, tmp_path / "report", backbones=["a", "b"]) / "paired.csv")
+    paired = pd.read_csv(
+        aggregate(results, tmp_path / "report", backbones=["a", "b"]) / "paired.csv"
+    )
     assert np.allclose(paired.difference, 0) and (paired.p_value == 1).all()

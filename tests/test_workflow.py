@@ -11,19 +11,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def run_snakemake(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_snakemake(
+    *args: str, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*SNAKEMAKE, *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
         # The rules call the `voxelfm` tool installed beside this Python.
         env={
             **os.environ,
@@ -83,6 +85,9 @@ def test_dry_run_has_the_whole_dag(tmp_path):
         "summarize_dataset": 1,
         "pretrain": 1,
         "export_teacher": 1,
+        "embed": 3,
+        "probe": 12,
+        "aggregate": 1,
     }
 
 
@@ -96,15 +101,30 @@ def test_slurm_profile_gives_gpu_resources_to_pretraining(tmp_path):
     assert "--gpus 4" in block
 
 
+def test_slurm_profile_gives_a_gpu_to_extraction(tmp_path):
+    config = write_config(tmp_path)
+    result = run_snakemake("-n", "--profile", "profiles/slurm", "--configfile", str(config))
+    assert result.returncode == 0, result.stderr
+    block = result.stdout.split("rule embed:")[1].split("\n\n")[0]
+    assert "gpu=1" in block and "cpus_per_gpu=" in block, block
+
+
+def test_pretrained_backbone_without_pretraining_is_rejected(tmp_path):
+    config = write_config(tmp_path, **{"pretrain.enabled": False})
+    result = run_snakemake("-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "pretrain.enabled is false" in result.stdout + result.stderr
+
+
 def test_snakefile_parses_without_torch(tmp_path):
     """A torch that refuses to import proves the Snakefile never imports it."""
     fake = tmp_path / "fake_site" / "torch"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('torch imported at Snakefile parse time')\n")
-    config = write_config(tmp_path)
-    result = run_snakemake(
-        "-n", "--configfile", str(config), env={"PYTHONPATH": str(fake.parent)}
+    (fake / "__init__.py").write_text(
+        "raise ImportError('torch imported at Snakefile parse time')\n"
     )
+    config = write_config(tmp_path)
+    result = run_snakemake("-n", "--configfile", str(config), env={"PYTHONPATH": str(fake.parent)})
     assert result.returncode == 0, result.stderr
     assert "torch imported" not in result.stdout + result.stderr
 
@@ -148,4 +168,46 @@ def test_only_changed_stages_rerun(tmp_path):
     everything = jobs_in_dry_run(run_snakemake("-n", "--configfile", str(reseeded)).stdout)
     assert everything.get("synthesize_cohort") == 1
     assert everything.get("preprocess_shard") == 2
+    shutil.rmtree(tmp_path / "results", ignore_errors=True)
+
+
+# Cheap backbones and tasks: the test is about which jobs rerun, not about the numbers.
+SMALL_EVALUATION = {
+    "datasets.synthetic.synthetic.n_patients": 10,
+    "pretrain.enabled": False,
+    "evaluation.backbones": {
+        "handcrafted": {"kind": "handcrafted"},
+        "random_init": {"kind": "random_init", "preset": "tiny", "seed": 0},
+    },
+    "evaluation.tasks": {
+        "liver_volume": {"category": "regression", "labels": ["target"], "probes": ["ridge"]},
+        "repeat_scan": {"category": "retrieval", "probes": ["gallery"]},
+    },
+    "evaluation.bootstrap": {"n_boot": 100},
+}
+
+
+@pytest.mark.slow
+def test_task_change_reruns_only_its_probes(tmp_path):
+    """Run ingestion, extraction, probes and the report for real; then changing one task's
+    settings reruns that task's probe jobs and the report, and nothing else."""
+    config = write_config(tmp_path, **SMALL_EVALUATION)
+    result = run_snakemake("--cores", "2", "--configfile", str(config), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = tmp_path / "results" / "report"
+    for name in ("results.csv", "results.md", "paired.csv", "overview.png"):
+        assert (report / name).is_file(), name
+    results = (report / "results.csv").read_text()
+    assert "liver_volume" in results and "repeat_scan" in results
+
+    unchanged = run_snakemake("-n", "--configfile", str(config))
+    assert jobs_in_dry_run(unchanged.stdout) == {}, unchanged.stdout
+
+    tasks = {**SMALL_EVALUATION["evaluation.tasks"]}
+    tasks["liver_volume"] = {**tasks["liver_volume"], "features": "cls"}
+    changed_config = write_config(tmp_path, **{**SMALL_EVALUATION, "evaluation.tasks": tasks})
+    changed = run_snakemake("-n", "--configfile", str(changed_config))
+    assert changed.returncode == 0, changed.stderr
+    assert jobs_in_dry_run(changed.stdout) == {"all": 1, "probe": 2, "aggregate": 1}
+    assert "repeat_scan" not in changed.stdout.split("rule aggregate")[0]
     shutil.rmtree(tmp_path / "results", ignore_errors=True)

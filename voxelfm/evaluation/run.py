@@ -26,6 +26,7 @@ import pandas as pd
 
 from voxelfm.evaluation.tasks import SPLITS, TOKEN_PROBES, TaskData, TaskSpec, align_task
 from voxelfm.utils.atomic import atomic_directory
+from voxelfm.utils.jsonable import to_jsonable
 
 METRICS_FILE = "metrics.csv"
 PREDICTIONS_FILE = "predictions.csv"
@@ -142,23 +143,15 @@ def _run_probes(
             seed=bootstrap.seed,
             confidence=bootstrap.confidence,
         )
-        for metric, result in intervals.items():
-            rows.append(
-                {
-                    "probe": probe_name,
-                    "metric": metric,
-                    "estimate": result.estimate,
-                    "ci_low": result.lower,
-                    "ci_high": result.upper,
-                    "n_boot_valid": result.n_boot_valid,
-                    "n_test_scans": int(masks["test"].sum()),
-                    "n_test_patients": len(np.unique(test_patients)),
-                    "validation_score": probe.validation_score,
-                    "hyperparameters": json.dumps(_jsonable(probe.hyperparameters)),
-                    "decision_threshold": json.dumps(_jsonable(probe.decision_threshold)),
-                    "note": "",
-                }
-            )
+        rows += _metric_rows(
+            probe_name,
+            intervals,
+            n_test_scans=int(masks["test"].sum()),
+            n_test_patients=len(np.unique(test_patients)),
+            validation_score=probe.validation_score,
+            hyperparameters=json.dumps(to_jsonable(probe.hyperparameters)),
+            decision_threshold=json.dumps(to_jsonable(probe.decision_threshold)),
+        )
         if task.label_fractions and probe_name == task.probes[0]:
             _write_efficiency_sweep(task, fit_select, inputs, y, data, masks, evaluate, out)
     predictions.to_csv(out / PREDICTIONS_FILE, index=False)
@@ -186,7 +179,7 @@ def _write_efficiency_sweep(task, fit_select, inputs, y, data, masks, evaluate, 
         evaluate_probe=evaluate,
     )
     sweep.insert(0, "probe", task.probes[0])
-    sweep["hyperparameters"] = sweep["hyperparameters"].map(lambda h: json.dumps(_jsonable(h)))
+    sweep["hyperparameters"] = sweep["hyperparameters"].map(lambda h: json.dumps(to_jsonable(h)))
     sweep.to_csv(out / EFFICIENCY_FILE, index=False)
 
 
@@ -227,23 +220,13 @@ def _run_retrieval(
             seed=bootstrap.seed,
             confidence=bootstrap.confidence,
         )
-        for metric, result in intervals.items():
-            rows.append(
-                {
-                    "probe": protocol,
-                    "metric": metric,
-                    "estimate": result.estimate,
-                    "ci_low": result.lower,
-                    "ci_high": result.upper,
-                    "n_boot_valid": result.n_boot_valid,
-                    "n_test_scans": len(ranks),
-                    "n_test_patients": len(np.unique(query_patients)),
-                    "validation_score": np.nan,
-                    "hyperparameters": "{}",
-                    "decision_threshold": "null",
-                    "note": note,
-                }
-            )
+        rows += _metric_rows(
+            protocol,
+            intervals,
+            n_test_scans=len(ranks),
+            n_test_patients=len(np.unique(query_patients)),
+            note=note,
+        )
         rank_frames.append(
             pd.DataFrame(
                 {
@@ -263,6 +246,29 @@ def _run_retrieval(
 def _min_other_patient_scans(patient_ids: np.ndarray) -> int:
     _, counts = np.unique(patient_ids, return_counts=True)
     return int(len(patient_ids) - counts.max())
+
+
+def _metric_rows(probe: str, intervals: Mapping[str, Any], **columns: Any) -> list[dict]:
+    """One metrics.csv row per bootstrapped metric; ``columns`` fill the shared fields."""
+    shared = {
+        "validation_score": np.nan,
+        "hyperparameters": "{}",
+        "decision_threshold": "null",
+        "note": "",
+        **columns,
+    }
+    return [
+        {
+            "probe": probe,
+            "metric": metric,
+            "estimate": result.estimate,
+            "ci_low": result.lower,
+            "ci_high": result.upper,
+            "n_boot_valid": result.n_boot_valid,
+            **shared,
+        }
+        for metric, result in intervals.items()
+    ]
 
 
 def _skipped(probe: str, reason: str) -> dict[str, Any]:
@@ -288,15 +294,3 @@ def score_matrix(predictions: pd.DataFrame, probe: str) -> np.ndarray:
     if not columns:
         raise KeyError(f"no scores of probe {probe!r}")
     return predictions[columns].to_numpy()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

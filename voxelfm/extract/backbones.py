@@ -64,6 +64,7 @@ from torch import Tensor
 from voxelfm.conventions import HU_MAX, HU_MIN
 from voxelfm.errors import InputError, VoxelFMError
 from voxelfm.extract.normalisation import HUNormalisation, normalisation_from_config
+from voxelfm.utils.jsonable import to_jsonable
 
 Factory = Callable[[Mapping[str, Any], torch.device, str], "FeatureExtractor"]
 
@@ -119,7 +120,7 @@ class FeatureExtractor(ABC):
             "embed_dim": int(self.embed_dim),
             "patch_size": None if self.patch_size is None else int(self.patch_size),
             "spacing_mm": None if self.spacing_mm is None else list(self.spacing_mm),
-            "spec": _jsonable(self.spec),
+            "spec": to_jsonable(self.spec),
             **self._extra_description(),
         }
 
@@ -249,11 +250,11 @@ class ViTExtractor(FeatureExtractor):
 
     def _extra_description(self) -> dict[str, Any]:
         return {
-            "architecture": _jsonable(getattr(self.model, "architecture", {})),
+            "architecture": to_jsonable(getattr(self.model, "architecture", {})),
             "normalisation": self.normalisation.to_dict(),
             "input_axes": self.input_axes,
             "precision": self.precision,
-            **_jsonable(self.provenance),
+            **to_jsonable(self.provenance),
         }
 
 
@@ -612,16 +613,3 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types (tuples -> lists, paths -> str), recursively."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return value.item()
-    return value

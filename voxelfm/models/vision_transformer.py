@@ -30,7 +30,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .layers import LAYER_NORM_EPS, Block, PatchEmbed3D, RopePositionEmbedding3D
+from .layers import LAYER_NORM_EPS, AttentionImpl, Block, PatchEmbed3D, RopePositionEmbedding3D
 
 # The published VoxelFM ViT-B (reference configs/ssl_default_config.yaml, `student:`).
 # "small" keeps base's head_dim of 72 (3D RoPE needs head_dim divisible by 6, which rules
@@ -96,6 +96,7 @@ class VisionTransformer3D(nn.Module):
         ffn_bias: bool = True,
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = True,
+        attention_impl: AttentionImpl = "sdpa",
     ) -> None:
         """Defaults other than the size are the published VoxelFM settings.
 
@@ -112,6 +113,10 @@ class VisionTransformer3D(nn.Module):
             drop_path_rate: stochastic depth rate (only active in training mode).
             drop_path_uniform: same rate in every block (published setting) instead of a
                 linear ramp from 0 at the first block to drop_path_rate at the last.
+            attention_impl: ``"sdpa"`` (F.scaled_dot_product_attention) or ``"eager"``
+                (explicit softmax(q k^T) v, a benchmark baseline). Same parameters and
+                outputs either way, so it is an execution choice, not part of
+                ``architecture``; change it later with :meth:`set_attention_impl`.
         """
         super().__init__()
         if num_register_tokens < 0:
@@ -161,6 +166,7 @@ class VisionTransformer3D(nn.Module):
                 ffn_bias=ffn_bias,
                 layerscale_init=layerscale_init,
                 drop_path=rate,
+                attention_impl=attention_impl,
             )
             for rate in drop_rates
         )
@@ -168,6 +174,11 @@ class VisionTransformer3D(nn.Module):
         # (1, D), not (1, 1, D): the reference checkpoint's shape.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.init_weights()
+
+    def set_attention_impl(self, attention_impl: AttentionImpl) -> None:
+        """Switch every block between ``"sdpa"`` and ``"eager"`` attention in place."""
+        for block in self.blocks:
+            block.attn.attention_impl = attention_impl
 
     @property
     def num_prefix_tokens(self) -> int:

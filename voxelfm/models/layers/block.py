@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .attention import Attention
+from .attention import Attention, AttentionImpl
 from .drop_path import DropPath
 from .layer_scale import LayerScale
 from .mlp import Mlp
@@ -28,10 +28,13 @@ class Block(nn.Module):
         ffn_bias: bool = True,
         layerscale_init: float | None = 1e-5,
         drop_path: float = 0.0,
+        attention_impl: AttentionImpl = "sdpa",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attention_impl=attention_impl
+        )
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
