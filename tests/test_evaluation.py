@@ -260,3 +260,15 @@ def test_paired_self_comparison_is_zero(tmp_path):
         aggregate(results, tmp_path / "report", backbones=["a", "b"]) / "paired.csv"
     )
     assert np.allclose(paired.difference, 0) and (paired.p_value == 1).all()
+
+
+def test_label_table_from_a_cohort_folder(tmp_path):
+    from voxelfm.errors import InputError
+    from voxelfm.evaluation import read_label_table
+
+    table, _ = make_cohort(n_patients=5)
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    assert read_label_table(tmp_path).scan_id.tolist() == table.scan_id.tolist()
+    table.drop(columns="patient_id").to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(InputError, match="patient_id"):
+        read_label_table(tmp_path / "bad.csv")

@@ -293,3 +293,23 @@ def test_real_openkbp_scan_with_labels(tmp_path, real_data):
     assert qc["hu_p1"] <= -900 and qc["label_oars_voxels"] > 0
     # Same anatomy in RAS: the stored volume's mean HU matches the source's within resampling error.
     assert abs(store.read_volume("kbp1").mean() - np.asarray(source.dataobj).mean()) < 60
+
+
+def test_csv_outputs_are_atomic_and_get_ordinary_permissions(tmp_path):
+    """The shared atomic writer (voxelfm.utils.atomic) leaves no temporary file behind and
+    gives outputs the umask's permissions, not mkstemp's owner-only 0600."""
+    import os
+
+    from voxelfm.utils.atomic import atomic_path, write_csv_atomically
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = write_csv_atomically(pd.DataFrame({"a": [1, 2]}), tmp_path / "out" / "t.csv")
+    assert pd.read_csv(path)["a"].tolist() == [1, 2]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == ["t.csv"]
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert pd.read_csv(path)["a"].tolist() == [1, 2]
+    assert [p.name for p in path.parent.iterdir()] == ["t.csv"]

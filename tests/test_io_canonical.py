@@ -239,3 +239,68 @@ def test_air_free_volume_is_flagged(tmp_path):
     )
     write_nifti(synthetic_ct(), tmp_path / "air.nii.gz")
     assert preprocess_scan(tmp_path / "air.nii.gz").meta["warnings"] == []
+
+
+@pytest.mark.parametrize("interpolator", ["linear", "nearest"])
+@pytest.mark.parametrize(
+    "direction", ORIENTATIONS[::5] + [OBLIQUE], ids=lambda d: _orientation_id(d)
+)
+def test_fast_resampling_matches_itk_resample(direction, interpolator):
+    """The axis-by-axis path (inputs parallel to the grid after re-indexing) gives ITK's
+    values: same interpolation, same edge handling, same padding outside the input."""
+    rng = np.random.default_rng(3)
+    image = sitk.GetImageFromArray(rng.normal(0, 500, (9, 13, 11)).astype(np.float32))
+    image.SetSpacing((0.8, 1.3, 2.1))
+    image.SetOrigin((12.5, -30.0, 41.0))
+    image.SetDirection(direction.ravel().tolist())
+    # Finer, coarser and equal spacings, and a grid shifted to overhang the input.
+    for spacing in [(0.6, 1.7, 2.1), (1.5, 1.5, 1.5), None]:
+        grid = CanonicalGrid.covering(image, spacing)
+        shifted = CanonicalGrid(
+            grid.shape, grid.spacing, tuple(o + 0.37 * s for o, s in zip(grid.origin, grid.spacing))
+        )
+        for target in (grid, shifted):
+            fast, _, _ = to_canonical(
+                image, reference=target, interpolator=interpolator, antialias=False
+            )
+            itk = sitk.Resample(
+                image,
+                target.reference_image(),
+                sitk.Transform(),
+                sitk.sitkLinear if interpolator == "linear" else sitk.sitkNearestNeighbor,
+                float(HU_MIN),
+                sitk.sitkFloat32,
+            )
+            expected = sitk.GetArrayFromImage(itk).transpose(2, 1, 0)
+            assert fast.flags.c_contiguous and fast.dtype == np.float32
+            if interpolator == "nearest" and not np.allclose(fast, expected, atol=2e-3, rtol=0):
+                # A sample within rounding error of halfway between two voxels may go either
+                # way (ITK's own answer depends on its arithmetic); skip those.
+                halfway = _halfway_samples(image, target)
+                fast, expected = fast[~halfway], expected[~halfway]
+            np.testing.assert_allclose(fast, expected, atol=2e-3, rtol=0)
+
+
+def _halfway_samples(image: sitk.Image, grid: CanonicalGrid) -> np.ndarray:
+    """(X, Y, Z) bool: grid voxels whose position in ``image`` is halfway between voxels."""
+    reference = grid.reference_image()
+    halfway = np.zeros(grid.shape, dtype=bool)
+    for index in itertools.product(*map(range, grid.shape)):
+        point = reference.TransformIndexToPhysicalPoint(index)
+        c = np.array(image.TransformPhysicalPointToContinuousIndex(point))
+        halfway[index] = np.any(np.abs(c - np.floor(c) - 0.5) < 1e-6)
+    return halfway
+
+
+def test_reindexing_keeps_every_voxel_at_its_world_position():
+    from voxelfm.io.canonical import index_like_sar
+
+    for direction in ORIENTATIONS:
+        image = synthetic_ct(size=(5, 6, 7), spacing=(0.5, 0.75, 3.0), direction=direction)
+        reindexed = index_like_sar(image)
+        np.testing.assert_allclose(
+            np.asarray(reindexed.GetDirection()).reshape(3, 3), np.diag([-1.0, -1.0, 1.0])[:, ::-1]
+        )
+        for index in itertools.product(*[(0, n - 1) for n in image.GetSize()]):
+            point = image.TransformIndexToPhysicalPoint(index)
+            assert image[index] == reindexed[reindexed.TransformPhysicalPointToIndex(point)]

@@ -70,10 +70,14 @@ def record_reads(store: VolumeStore, monkeypatch) -> list[tuple[tuple, tuple, tu
         reads.append((tuple(start), tuple(size), region.shape))
         return region
 
+    def recording_read_crops(scan_id, regions):
+        return [recording_read_crop(scan_id, start, size) for start, size in regions]
+
     def forbidden_read_volume(scan_id):
         raise AssertionError("the augmentation read a whole volume")
 
     monkeypatch.setattr(store, "read_crop", recording_read_crop)
+    monkeypatch.setattr(store, "read_crops", recording_read_crops)
     monkeypatch.setattr(store, "read_volume", forbidden_read_volume)
     return reads
 

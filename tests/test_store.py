@@ -127,6 +127,38 @@ def test_crops_match_numpy_slicing_with_padding(stored, start, size):
     np.testing.assert_array_equal(label, padded_reference(volume.labels["organs"], start, size, 0))
 
 
+@pytest.mark.parametrize("compressor", ["blosc-lz4-shuffle-5", "none", "gzip"])
+def test_read_crops_equals_one_read_crop_per_crop(tmp_path, compressor):
+    """Overlapping, padded, outside and whole-volume crops in one call: each chunk is
+    decoded once and scattered to every crop, with the same result as separate reads."""
+    volume = ct_like_volume(seed=4)
+    store_path = tmp_path / "s.zarr"
+    codec = GzipCodec(level=1) if compressor == "gzip" else make_compressor(compressor)
+    write_scan(store_path, "a", "p", volume, chunks=SMALL_CHUNKS, compressor=codec)
+    store = VolumeStore(store_path)
+    rng = np.random.default_rng(1)
+    crops = _corner_and_face_crops()[::3] + [
+        ((0, 0, 0), SHAPE),
+        ((-10, -10, -10), (60, 70, 50)),
+        ((100, 0, 0), (8, 8, 8)),
+    ]
+    for _ in range(20):  # many crops over the same chunks
+        size = tuple(int(rng.integers(1, n + 1)) for n in SHAPE)
+        crops.append((tuple(int(rng.integers(-3, n - 2)) for n in SHAPE), size))
+    crops.append(crops[-1])  # the same crop twice
+    many = store.read_crops("a", crops)
+    assert len(many) == len(crops)
+    for (start, size), crop in zip(crops, many):
+        assert crop.shape == size and crop.dtype == np.int16 and crop.flags.c_contiguous
+        np.testing.assert_array_equal(crop, padded_reference(volume.image, start, size, HU_MIN))
+        np.testing.assert_array_equal(crop, store.read_crop("a", start, size))
+    assert store.read_crops("a", []) == []
+    many[-1][...] = 0  # crops are independent arrays, even for identical requests
+    assert not (many[-2] == 0).all()
+    with pytest.raises(ValueError):
+        store.read_crops("a", [((0, 0, 0), (0, 4, 4))])
+
+
 def test_every_border_is_padded_with_the_right_value(stored):
     store, volume, _ = stored
     for axis in range(3):
@@ -161,6 +193,47 @@ def test_fast_reader_matches_zarr_slicing(tmp_path, compressor):
         np.testing.assert_array_equal(
             reader.read(lo, hi), array[tuple(slice(a, b) for a, b in zip(lo, hi))]
         )
+
+
+@pytest.mark.parametrize("compressor", ["none", "blosc-lz4-shuffle-5", "blosc-zstd-bitshuffle-1"])
+def test_directly_written_shards_read_back_in_zarr_like_zarrs_own(tmp_path, compressor):
+    """write_scan encodes the shard file itself; zarr (which checks the index CRC32C) reads
+    it back exactly, empty chunks are left out as zarr does, and an all-padding array has
+    no file at all."""
+    volume = ct_like_volume(seed=2)
+    volume.image[:8] = HU_MIN  # a whole chunk's worth of padding, not stored
+    volume.labels["empty"] = np.zeros(SHAPE, dtype=np.uint8)
+    store_path = tmp_path / "s.zarr"
+    codec = make_compressor(compressor)
+    write_scan(store_path, "a", "p", volume, chunks=SMALL_CHUNKS, compressor=codec)
+    image = zarr.open_array(store_path / "a" / "image", mode="r")
+    np.testing.assert_array_equal(image[...], volume.image)
+    for name, label in volume.labels.items():
+        stored = zarr.open_array(store_path / "a" / "labels" / name, mode="r")
+        np.testing.assert_array_equal(stored[...], label)
+        assert stored.dtype == label.dtype if name != "empty" else stored.dtype == np.uint8
+    assert not (store_path / "a" / "labels" / "empty" / "c").exists()
+    # zarr's own write of the same array: same values, and no stored chunk for the padding
+    reference = zarr.create_array(
+        tmp_path / "reference",
+        data=volume.image,
+        chunks=SMALL_CHUNKS,
+        shards=image.shards,
+        compressors=() if codec is None else (codec,),
+        fill_value=HU_MIN,
+    )
+    np.testing.assert_array_equal(reference[...], image[...])
+    assert _stored_chunks(tmp_path / "reference") == _stored_chunks(store_path / "a" / "image")
+    assert 0 < _stored_chunks(store_path / "a" / "image") < np.prod(image.cdata_shape)
+
+
+def _stored_chunks(array_dir) -> int:
+    """Chunks present in a whole-array shard file (index at the end, CRC32C after it)."""
+    array = zarr.open_array(array_dir, mode="r")
+    n_entries = int(np.prod([s // c for s, c in zip(array.shards, array.chunks)]))
+    raw = (array_dir / "c" / "0" / "0" / "0").read_bytes()[-(16 * n_entries + 4) : -4]
+    offsets = np.frombuffer(raw, dtype="<u8")[::2]
+    return int(np.count_nonzero(offsets != np.uint64(2**64 - 1)))
 
 
 def test_unsharded_arrays_are_read_by_the_fast_reader_too(tmp_path):

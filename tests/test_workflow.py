@@ -143,6 +143,7 @@ def test_only_changed_stages_rerun(tmp_path):
     small = {
         "datasets.synthetic.synthetic.n_patients": 4,
         "pretrain.enabled": False,
+        "evaluation.enabled": False,
     }
     config = write_config(tmp_path, **small)
     result = run_snakemake("--cores", "2", "--configfile", str(config), timeout=900)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from voxelfm.errors import VoxelFMError
 
@@ -34,8 +34,8 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 
 def _cmd_manifest(args: argparse.Namespace) -> None:
-    from voxelfm.utils.atomic import write_csv_atomically
     from voxelfm.ingest.manifest import read_manifest
+    from voxelfm.utils.atomic import write_csv_atomically
 
     source = Path(args.source)
     if source.is_dir():
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd = add("probe", _cmd_probe, "Fit and evaluate one task's probes on one embedding store.")
     cmd.add_argument("--embeddings", required=True, help="embedding store (voxelfm embed)")
-    cmd.add_argument("--labels", required=True, help="label table CSV (scan_id, patient_id, ...)")
+    cmd.add_argument("--labels", required=True, help="label CSV, or a folder with labels.csv")
     cmd.add_argument("--task-name", required=True)
     cmd.add_argument("--task", type=_json_arg, required=True, help="JSON task settings")
     cmd.add_argument("--bootstrap", type=_json_arg, default={}, help="JSON bootstrap settings")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -162,7 +163,13 @@ class TaskData:
 
 
 def read_label_table(path) -> pd.DataFrame:
-    """The label table (CSV, one row per scan with at least ``scan_id`` and ``patient_id``)."""
+    """The label table (CSV, one row per scan with at least ``scan_id`` and ``patient_id``).
+
+    A folder means its ``labels.csv``, as written by the synthetic cohort generator.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "labels.csv"
     try:
         table = pd.read_csv(path, dtype={"scan_id": str, "patient_id": str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:

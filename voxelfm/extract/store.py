@@ -37,10 +37,11 @@ import zarr
 
 import voxelfm
 from voxelfm.errors import InputError, VoxelFMError
-from voxelfm.extract.backbones import FeatureExtractor, _jsonable
+from voxelfm.extract.backbones import FeatureExtractor
 from voxelfm.extract.extractor import Features
 from voxelfm.store.layout import SAFE_NAME_RULE, is_safe_name
 from voxelfm.utils.atomic import atomic_directory
+from voxelfm.utils.jsonable import to_jsonable
 
 FORMAT = "voxelfm-embeddings"
 FORMAT_VERSION = 1
@@ -129,7 +130,7 @@ def write_embeddings(
         if callable(preprocessing):
             preprocessing = preprocessing()
         root.attrs.update(
-            _jsonable(
+            to_jsonable(
                 {
                     "format": FORMAT,
                     "format_version": FORMAT_VERSION,
@@ -168,7 +169,7 @@ def _write_patch(group: zarr.Group, scan_id: str, features: Features) -> None:
     data = features.patch.astype(np.float16)  # type: ignore[union-attr]
     array = group.create_array(scan_id, data=data, chunks=data.shape)
     array.attrs.update(
-        _jsonable(
+        to_jsonable(
             {
                 "grid_affine": np.asarray(features.grid_affine).tolist(),
                 "grid_shape": list(features.grid_shape or data.shape[:3]),

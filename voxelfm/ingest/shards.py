@@ -29,7 +29,6 @@ from tqdm import tqdm
 
 from voxelfm.conventions import DEFAULT_SPACING_MM, HU_MAX, HU_MIN
 from voxelfm.errors import InputError, VoxelFMError
-from voxelfm.ingest.atomic import write_csv_atomically
 from voxelfm.ingest.fingerprint import input_fingerprint
 from voxelfm.ingest.manifest import SERIES_UID_COLUMN, label_paths, read_manifest
 from voxelfm.ingest.qc import scan_qc
@@ -40,6 +39,7 @@ from voxelfm.store.writer import (
     remove_partial_scans,
     write_scan,
 )
+from voxelfm.utils.atomic import write_csv_atomically
 
 FAILURE_COLUMNS = ["scan_id", "image", "error_type", "reason"]
 QC_ID_COLUMNS = ["scan_id", "patient_id"]

@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from voxelfm.ingest.atomic import write_atomically, write_csv_atomically, write_text_atomically
 from voxelfm.ingest.shards import FAILURE_COLUMNS, QC_ID_COLUMNS
 from voxelfm.store.reader import VolumeStore
+from voxelfm.utils.atomic import atomic_write_bytes, atomic_write_text, write_csv_atomically
 
 SOFT_TISSUE_WINDOW = (40, 400)  # (level, width) HU
 LUNG_WINDOW = (-600, 1500)
@@ -69,9 +69,9 @@ def summarize(
     }
     write_csv_atomically(qc, out_dir / "qc.csv")
     write_csv_atomically(failures, out_dir / "failures.csv")
-    write_text_atomically(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     png = mosaic_png(store, mosaic_ids)
-    write_atomically(out_dir / "mosaic.png", lambda tmp: tmp.write_bytes(png))
+    atomic_write_bytes(out_dir / "mosaic.png", png)
     return summary
 
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_curve
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier

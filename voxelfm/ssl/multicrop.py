@@ -220,8 +220,16 @@ class MultiCropAugmentation:
         self, store: CropSource, scan_id: str, rng: np.random.Generator
     ) -> dict[str, torch.Tensor]:
         plan = self.plan(store.shape(scan_id), rng)
-        global_crops = [self.render(store, scan_id, crop) for crop in plan.global_crops]
-        local_crops = [self.render(store, scan_id, crop) for crop in plan.local_crops]
+        crops = (*plan.global_crops, *plan.local_crops)
+        # One read for all regions: they overlap, and each chunk is then decoded once.
+        read_crops = getattr(store, "read_crops", None)
+        if read_crops is not None:
+            regions = read_crops(scan_id, [(crop.start, crop.size) for crop in crops])
+        else:
+            regions = [store.read_crop(scan_id, crop.start, crop.size) for crop in crops]
+        rendered = [self.render_region(region, crop) for region, crop in zip(regions, crops)]
+        n_global = len(plan.global_crops)
+        global_crops, local_crops = rendered[:n_global], rendered[n_global:]
         local_size = self.config.local_crop_size
         return {
             "global_crops": torch.stack(global_crops),  # (2, 1, G, G, G)
@@ -288,8 +296,11 @@ class MultiCropAugmentation:
 
     def render(self, store: CropSource, scan_id: str, plan: CropPlan) -> torch.Tensor:
         """Read the planned region and turn it into a (1, S, S, S) float32 network input."""
+        return self.render_region(store.read_crop(scan_id, plan.start, plan.size), plan)
+
+    def render_region(self, region: np.ndarray, plan: CropPlan) -> torch.Tensor:
+        """(1, S, S, S) float32 network input from the int16 (nx, ny, nz) planned region."""
         cfg = self.config
-        region = store.read_crop(scan_id, plan.start, plan.size)  # int16 (nx, ny, nz)
         hu = torch.from_numpy(region.astype(np.float32))[None, None]  # (1, 1, nx, ny, nz)
         side = plan.output_size
         hu = F.interpolate(hu, size=(side, side, side), mode="trilinear", align_corners=False)

@@ -13,33 +13,14 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from voxelfm.models.vision_transformer import layer_id_for_param
 from voxelfm.ssl.schedules import ScheduleValues
 
 LayerIdFn = Callable[[str, int], int]
 
-# Parameters that live before block 0: embeddings and learned tokens.
-_EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "register_tokens", "mask_token")
 # Learned tokens and position embeddings are not weights that map features; shrinking them
 # towards zero only erases what they encode.
 _TOKEN_NAMES = ("pos_embed", "cls_token", "register_tokens", "mask_token")
-
-
-def vit_layer_id(name: str, num_layers: int) -> int:
-    """Depth of a backbone parameter for layer-wise lr decay (DINOv2's numbering).
-
-    0 for the patch embedding, position embedding and learned tokens; ``i + 1`` for
-    ``blocks.{i}.*``; ``num_layers + 1`` for everything after the blocks (final norm).
-
-    Args:
-        name: parameter name relative to the backbone, e.g. ``"blocks.3.attn.qkv.weight"``.
-        num_layers: number of transformer blocks.
-    """
-    root = name.split(".", 1)[0]
-    if root in _EMBEDDING_NAMES:
-        return 0
-    if root == "blocks":
-        return int(name.split(".")[1]) + 1
-    return num_layers + 1
 
 
 def build_param_groups(
@@ -48,7 +29,7 @@ def build_param_groups(
     num_layers: int,
     layer_decay: float = 0.9,
     patch_embed_lr_mult: float = 0.2,
-    layer_id_fn: LayerIdFn = vit_layer_id,
+    layer_id_fn: LayerIdFn = layer_id_for_param,
     backbone_key: str = "backbone",
 ) -> list[dict]:
     """Optimiser parameter groups for the student's backbone and heads.

@@ -1,18 +1,20 @@
 """Fast block reads from the Zarr arrays that ``write_scan`` produces.
 
 zarr-python 3 schedules every chunk of a read through its asyncio loop and a thread pool,
-which costs more than decoding the chunk itself for the ~100-400 small chunks of a
-pretraining crop set (see benchmarks/README.md: 2-3x slower per crop set than this path).
+which costs more than decoding the chunk itself for the ~300-1000 small chunks of a
+pretraining crop set (see benchmarks/README.md: 7-10x slower per crop set than this path).
 ``ChunkReader`` reads the same bytes directly: it parses the array's own Zarr metadata,
-opens the shard file once per crop, reads the shard index, and decodes only the inner
-chunks the block overlaps with numcodecs (the library zarr itself decodes with) into a
-reused buffer. It supports exactly the layouts zarr writes for a regular grid with the
+opens the shard file once per call, reads the shard index, fetches the inner chunks the
+blocks overlap in file order (one pread per run of adjacent chunks) and decodes each with
+numcodecs (the library zarr itself decodes with) into one reused buffer, once per call
+however many of the requested blocks overlap it (``read_many``: the crops of a multi-crop
+sample share chunks); uncompressed chunks are used in place. It supports exactly the layouts zarr writes for a regular grid with the
 default "/" chunk keys: plain chunks or one level of sharding, little-endian bytes, and at
 most one Blosc or Zstd compressor. ``ChunkReader.for_array`` returns None for anything else,
 and callers fall back to zarr's slicing.
 
 Shard indexes are read on every call, not cached: a cache would go stale if a scan were
-rewritten under a running reader, and one 8 KiB pread per crop is cheap. The CRC32C of the
+rewritten under a running reader, and one 8 KiB pread per call is cheap. The CRC32C of the
 index is not verified (zarr does not verify it on partial reads either).
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numcodecs.blosc
@@ -39,9 +41,11 @@ from zarr.codecs import (
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
-Decoder = Callable[[bytes, np.ndarray], None]
+# Decodes one stored chunk; returns the chunk (the given buffer, or a view of the bytes).
+Decoder = Callable[[memoryview, np.ndarray], np.ndarray]
 
-_EMPTY_CHUNK = np.uint64(2**64 - 1)  # shard-index marker of a chunk that was never written
+_EMPTY_OFFSET = 2**64 - 1  # shard-index marker of a chunk that was never written
+_MAX_RUN_BYTES = 4 << 20  # longest run of adjacent chunks fetched with one pread
 _INDEX_ENTRY_BYTES = 16  # (offset, nbytes) as two little-endian uint64
 _CRC32C_BYTES = 4
 
@@ -118,52 +122,85 @@ class ChunkReader:
 
     def read(self, lo: tuple[int, ...], hi: tuple[int, ...]) -> np.ndarray:
         """The block ``[lo, hi)``, which must lie inside the array."""
-        out = np.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=self.dtype)
-        buffer = np.empty(self.chunk_shape, dtype=self.dtype)
-        file_pieces = [_pieces(l, h, n) for l, h, n in zip(lo, hi, self.file_shape)]
-        for file_piece in itertools.product(*file_pieces):
-            file_index = tuple(index for index, _, _ in file_piece)
-            # Block bounds clipped to this file, in array coordinates.
-            file_lo = [l + dst.start for l, (_, _, dst) in zip(lo, file_piece)]
-            file_hi = [l + dst.stop for l, (_, _, dst) in zip(lo, file_piece)]
-            self._read_file(file_index, file_lo, file_hi, lo, out, buffer)
-        return out
+        return self.read_many([(lo, hi)])[0]
 
-    def _read_file(self, file_index, file_lo, file_hi, lo, out, buffer) -> None:
-        """Fill the part ``[file_lo, file_hi)`` of the block starting at ``lo`` from one file."""
-        chunk_pieces = [
-            [
-                (i, src, slice(dst.start + fl - l, dst.stop + fl - l))
-                for i, src, dst in _pieces(fl, fh, n)
-            ]
-            for fl, fh, l, n in zip(file_lo, file_hi, lo, self.chunk_shape)
+    def read_many(
+        self, blocks: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]
+    ) -> list[np.ndarray]:
+        """The blocks ``[lo, hi)`` of ``blocks``, each inside the array, as new arrays.
+
+        Every stored chunk is read and decoded once per call, however many of the blocks
+        overlap it: the crops of one multi-crop sample overlap (the global crops each other,
+        the local crops the global ones), and decoding is most of the cost of a read.
+        """
+        outs = [
+            np.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=self.dtype) for lo, hi in blocks
         ]
+        # file index -> chunk index -> [(block number, chunk-local slices, block slices)]
+        work: dict[tuple[int, ...], dict[tuple[int, ...], list]] = {}
+        for block, (lo, hi) in enumerate(blocks):
+            axis_pieces = [_pieces(l, h, n) for l, h, n in zip(lo, hi, self.chunk_shape)]
+            for piece in itertools.product(*axis_pieces):
+                chunk_index = tuple(i for i, _, _ in piece)
+                file_index = tuple(i // n for i, n in zip(chunk_index, self._chunks_per_file))
+                work.setdefault(file_index, {}).setdefault(chunk_index, []).append(
+                    (block, tuple(src for _, src, _ in piece), tuple(dst for _, _, dst in piece))
+                )
+        buffer = np.empty(self.chunk_shape, dtype=self.dtype)
+        for file_index, chunks in work.items():
+            self._read_file(file_index, chunks, outs, buffer)
+        return outs
+
+    def _read_file(self, file_index, chunks, outs, buffer) -> None:
+        """Decode the ``chunks`` of one file into the blocks that need them."""
         path = self.array_dir.joinpath("c", *map(str, file_index))
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # zarr skips files that would only hold the fill value
-            out[tuple(slice(fl - l, fh - l) for fl, fh, l in zip(file_lo, file_hi, lo))] = (
-                self.fill_value
-            )
+            for targets in chunks.values():
+                for block, _, dst in targets:
+                    outs[block][dst] = self.fill_value
             return
         try:
             index = self._read_index(fd)
-            for piece in itertools.product(*chunk_pieces):
-                chunk_index = tuple(i for i, _, _ in piece)
-                destination = tuple(dst for _, _, dst in piece)
-                if index is None:
-                    data = _read_all(fd)
+            if index is None:  # unsharded: the file is the chunk
+                ((chunk_index, targets),) = chunks.items()
+                self._scatter(self._decode(_read_all(fd), buffer), targets, outs)
+                return
+            # Read the stored bytes in file order, one pread per contiguous run of chunks.
+            located = []
+            for chunk_index, targets in chunks.items():
+                local = tuple(i % n for i, n in zip(chunk_index, self._chunks_per_file))
+                offset, nbytes = (int(v) for v in index[local])
+                if offset == _EMPTY_OFFSET:
+                    for block, _, dst in targets:
+                        outs[block][dst] = self.fill_value
                 else:
-                    local = tuple(i % n for i, n in zip(chunk_index, self._chunks_per_file))
-                    offset, nbytes = index[local]
-                    if offset == _EMPTY_CHUNK:
-                        out[destination] = self.fill_value
-                        continue
-                    data = os.pread(fd, int(nbytes), int(offset))
-                self._decode(data, buffer)
-                out[destination] = buffer[tuple(src for _, src, _ in piece)]
+                    located.append((offset, nbytes, targets))
+            located.sort(key=lambda entry: entry[0])
+            run_start = 0
+            while run_start < len(located):
+                run_stop = run_start + 1
+                while (
+                    run_stop < len(located)
+                    and located[run_stop][0] == located[run_stop - 1][0] + located[run_stop - 1][1]
+                    and located[run_stop][0] - located[run_start][0] < _MAX_RUN_BYTES
+                ):
+                    run_stop += 1
+                first = located[run_start][0]
+                last_offset, last_nbytes, _ = located[run_stop - 1]
+                data = memoryview(os.pread(fd, last_offset + last_nbytes - first, first))
+                for offset, nbytes, targets in located[run_start:run_stop]:
+                    chunk = self._decode(data[offset - first : offset - first + nbytes], buffer)
+                    self._scatter(chunk, targets, outs)
+                run_start = run_stop
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _scatter(chunk: np.ndarray, targets: list, outs: list[np.ndarray]) -> None:
+        for block, src, dst in targets:
+            outs[block][dst] = chunk[src]
 
     def _read_index(self, fd: int) -> np.ndarray | None:
         if self._index_location is None:
@@ -187,16 +224,27 @@ def _is_little_endian_bytes(codec: object, dtype: np.dtype) -> bool:
 
 def _decoder(compressors: tuple) -> Decoder | None:
     if compressors == ():
-        return _copy_raw
+        return _raw_view
     if len(compressors) == 1 and isinstance(compressors[0], BloscCodec):
-        return numcodecs.blosc.decompress  # Blosc frames are self-describing
+        return _into_buffer(numcodecs.blosc.decompress)  # Blosc frames are self-describing
     if len(compressors) == 1 and isinstance(compressors[0], ZstdCodec):
-        return numcodecs.zstd.decompress
+        return _into_buffer(numcodecs.zstd.decompress)
     return None
 
 
-def _copy_raw(data: bytes, buffer: np.ndarray) -> None:
-    buffer.reshape(-1)[...] = np.frombuffer(data, dtype=buffer.dtype)
+def _into_buffer(decompress: Callable[[memoryview, np.ndarray], None]) -> Decoder:
+    def decode(data: memoryview, buffer: np.ndarray) -> np.ndarray:
+        decompress(data, buffer)
+        return buffer
+
+    return decode
+
+
+def _raw_view(data: memoryview, buffer: np.ndarray) -> np.ndarray:
+    """Uncompressed chunks are used in place: no copy into the buffer."""
+    if len(data) != buffer.nbytes:
+        raise ValueError(f"stored chunk holds {len(data)} bytes, expected {buffer.nbytes}")
+    return np.frombuffer(data, dtype=buffer.dtype).reshape(buffer.shape)
 
 
 def _read_all(fd: int) -> bytes:

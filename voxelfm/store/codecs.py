@@ -5,11 +5,14 @@ The defaults were chosen by ``benchmarks/bench_crop_reads.py --sweep`` (table in
 
 - 32^3 chunks: a crop decodes ~2x its own size (64^3: ~4x; 128^3: ~10x), and inside one
   Zarr shard file per array the extra chunks cost one pread each, not one file each.
-  Read time per crop set: 32^3 16 ms, 64^3 23 ms, 128^3 53 ms (Blosc-LZ4).
-- Blosc-LZ4 with byte shuffle: decodes 2-3x faster than any Zstd variant (16 vs 37-48 ms
-  per crop set) for 2.2x compression on real CT, against 2.4-2.9x for Zstd. Reads are what
+  Read time per crop set: 32^3 16-22 ms, 64^3 23-27 ms, 128^3 53 ms (Blosc-LZ4).
+- Blosc-LZ4 with byte shuffle: decodes 2-3x faster than any Zstd variant (22 vs 42-48 ms
+  per crop set) for 2.2x compression on real CT, against 2.2-2.9x for Zstd. Reads are what
   pretraining repeats millions of times; the ~25% extra storage is the price.
-- Uncompressed is 1.8x faster still (9 ms) at 2.2x the storage: ``make_compressor("none")``.
+- Uncompressed reads ~1.8x faster still (8-12 ms per set with ``read_crops``: 10-12x a
+  whole-volume torch.load, against 6-7x for Blosc-LZ4) at 2.2x the storage:
+  ``make_compressor("none")``. Worth it only when the cohort fits in the page cache; the
+  default stays compressed (benchmarks/README.md, "Crop sets").
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ thread in forked children.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,15 @@ class VolumeStore:
         """
         return _padded_read(self._array(scan_id, IMAGE_ARRAY), start, size, HU_MIN)
 
+    def read_crops(self, scan_id: str, crops: Sequence[tuple[Triple, Triple]]) -> list[np.ndarray]:
+        """``[read_crop(scan_id, start, size) for start, size in crops]``, sharing the work.
+
+        Each stored chunk is read and decoded once however many crops overlap it, so the
+        crops of one multi-crop sample (which overlap: the global crops each other, the
+        local crops the global ones) cost less together than one by one.
+        """
+        return _padded_reads(self._array(scan_id, IMAGE_ARRAY), crops, HU_MIN)
+
     def read_label_crop(self, scan_id: str, name: str, start: Triple, size: Triple) -> np.ndarray:
         """Label block ``[start, start + size)``; voxels outside the volume read 0."""
         return _padded_read(self._array(scan_id, f"{LABELS_GROUP}/{name}"), start, size, 0)
@@ -163,9 +172,13 @@ class _ArrayHandle:
 
     def read(self, lo: Triple, hi: Triple) -> np.ndarray:
         """The block ``[lo, hi)`` inside the array."""
+        return self.read_many([(lo, hi)])[0]
+
+    def read_many(self, blocks: Sequence[tuple[Triple, Triple]]) -> list[np.ndarray]:
+        """The blocks ``[lo, hi)``, each inside the array."""
         if self.fast_reader is not None:
-            return self.fast_reader.read(lo, hi)
-        return self.array[tuple(slice(l, h) for l, h in zip(lo, hi))]
+            return self.fast_reader.read_many(blocks)
+        return [self.array[tuple(slice(l, h) for l, h in zip(lo, hi))] for lo, hi in blocks]
 
 
 def _resolve_store_paths(
@@ -189,15 +202,34 @@ def _resolve_store_paths(
 
 
 def _padded_read(array: _ArrayHandle, start: Triple, size: Triple, fill: int) -> np.ndarray:
-    if len(start) != array.ndim or len(size) != array.ndim or min(size) < 1:
-        raise ValueError(f"crop start {start} / size {size} do not fit a {array.ndim}D array")
-    lo = [max(int(s), 0) for s in start]
-    hi = [min(int(s) + int(n), dim) for s, n, dim in zip(start, size, array.shape)]
-    if all(s >= 0 for s in start) and all(h - l == n for l, h, n in zip(lo, hi, size)):
-        return array.read(tuple(lo), tuple(hi))  # entirely inside: no padding copy
-    out = np.full(tuple(int(n) for n in size), fill, dtype=array.dtype)
-    if all(h > l for l, h in zip(lo, hi)):
-        out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = array.read(
-            tuple(lo), tuple(hi)
-        )
+    return _padded_reads(array, [(start, size)], fill)[0]
+
+
+def _padded_reads(
+    array: _ArrayHandle, crops: Sequence[tuple[Triple, Triple]], fill: int
+) -> list[np.ndarray]:
+    """Crops ``(start, size)`` of ``array``; voxels outside it read ``fill``."""
+    blocks, plans = [], []
+    for start, size in crops:
+        if len(start) != array.ndim or len(size) != array.ndim or min(size) < 1:
+            raise ValueError(f"crop start {start} / size {size} do not fit a {array.ndim}D array")
+        start = tuple(int(s) for s in start)
+        size = tuple(int(n) for n in size)
+        lo = tuple(max(s, 0) for s in start)
+        hi = tuple(min(s + n, dim) for s, n, dim in zip(start, size, array.shape))
+        inside = all(h > l for l, h in zip(lo, hi))
+        padded = any(s < 0 for s in start) or any(h - l != n for l, h, n in zip(lo, hi, size))
+        plans.append((start, size, lo, hi, len(blocks) if inside else None, padded))
+        if inside:
+            blocks.append((lo, hi))
+    read = array.read_many(blocks) if blocks else []
+    out = []
+    for start, size, lo, hi, block, padded in plans:
+        if not padded:  # entirely inside: no padding copy
+            out.append(read[block])
+            continue
+        crop = np.full(size, fill, dtype=array.dtype)
+        if block is not None:
+            crop[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = read[block]
+        out.append(crop)
     return out

@@ -9,16 +9,27 @@ killed processes, not power loss.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
+import numcodecs.blosc
 import numpy as np
 import zarr
 from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import (
+    BloscCodec,
+    BytesCodec,
+    Crc32cCodec,
+    ShardingCodec,
+    ShardingCodecIndexLocation,
+)
 
 from voxelfm.conventions import HU_MAX, HU_MIN, PREPROCESSING_VERSION
 from voxelfm.store.codecs import DEFAULT_CHUNKS, DEFAULT_COMPRESSOR, whole_volume_shard
@@ -87,27 +98,129 @@ def write_scan(
     }
     try:
         group = root.create_group(partial_name)
-        group.create_array(
+        _create_array(
+            group,
             IMAGE_ARRAY,
-            data=np.ascontiguousarray(volume.image, dtype=np.int16),
-            fill_value=HU_MIN,
-            **layout,
+            np.ascontiguousarray(volume.image, dtype=np.int16),
+            HU_MIN,
+            layout,
+            store_path / partial_name / IMAGE_ARRAY,
         )
         if volume.labels:
             labels_group = group.create_group(LABELS_GROUP)
             for name, label in sorted(volume.labels.items()):
                 if not is_safe_name(name):
                     raise ValueError(f"label name {name!r} {SAFE_NAME_RULE}")
-                labels_group.create_array(
+                _create_array(
+                    labels_group,
                     name,
-                    data=_as_label_dtype(label, scan_id, name),
-                    fill_value=0,
-                    **layout,
+                    _as_label_dtype(label, scan_id, name),
+                    0,
+                    layout,
+                    store_path / partial_name / LABELS_GROUP / name,
                 )
         group.attrs.update(_scan_attributes(scan_id, patient_id, volume, input_fingerprint, qc))
         _commit(store_path / partial_name, store_path / scan_id)
     finally:
         shutil.rmtree(store_path / partial_name, ignore_errors=True)
+
+
+def _create_array(
+    group: zarr.Group,
+    name: str,
+    data: np.ndarray,
+    fill_value: int,
+    layout: Mapping[str, Any],
+    array_dir: Path,
+) -> None:
+    """Create array ``name`` holding ``data``: zarr writes the metadata and, for layouts
+    ``_write_shard`` knows, the shard file is encoded here directly (zarr's own write
+    schedules every chunk through its async pipeline, several times slower)."""
+    array = group.create_array(
+        name, shape=data.shape, dtype=data.dtype, fill_value=fill_value, **layout
+    )
+    encode = _shard_chunk_encoder(array)
+    if encode is None:
+        array[...] = data
+    else:
+        _write_shard(array_dir, data, fill_value, layout["chunks"], layout["shards"], encode)
+
+
+def _shard_chunk_encoder(array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
+    """The encoder of one inner chunk when ``array`` is one whole-array shard in the layout
+    ``write_scan`` creates (index at the end with a CRC32C, no compressor or one Blosc
+    compressor), else None."""
+    meta = array.metadata
+    if len(meta.codecs) != 1 or not isinstance(meta.codecs[0], ShardingCodec):
+        return None
+    sharding = meta.codecs[0]
+    if tuple(meta.chunk_grid.chunk_shape) != whole_volume_shard(array.shape, sharding.chunk_shape):
+        return None
+    if sharding.index_location != ShardingCodecIndexLocation.end or tuple(
+        sharding.index_codecs
+    ) != (BytesCodec(endian="little"), Crc32cCodec()):
+        return None
+    codecs = tuple(sharding.codecs)
+    if not codecs or codecs[0] != BytesCodec(endian="little") or sys.byteorder != "little":
+        return None
+    if len(codecs) == 1:
+        return lambda chunk: chunk.tobytes()
+    if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
+        blosc = codecs[1]
+        if blosc.typesize not in (None, array.dtype.itemsize):
+            return None
+        cname = blosc.cname.value.encode()
+        shuffle = _BLOSC_SHUFFLE_IDS[blosc.shuffle.value]
+        clevel, blocksize = int(blosc.clevel), int(blosc.blocksize)
+        return lambda chunk: numcodecs.blosc.compress(chunk, cname, clevel, shuffle, blocksize)
+    return None
+
+
+_BLOSC_SHUFFLE_IDS = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+_EMPTY_ENTRY = np.uint64(2**64 - 1)  # shard index (offset, nbytes) of an unwritten chunk
+
+
+def _write_shard(
+    array_dir: Path,
+    data: np.ndarray,
+    fill_value: int,
+    chunks: tuple[int, ...],
+    shard_shape: tuple[int, ...],
+    encode: Callable[[np.ndarray], bytes],
+) -> None:
+    """Write ``data`` as the array's single shard file ``c/0/0/0`` (Zarr v3 sharding: the
+    encoded inner chunks, then the index of (offset, nbytes) pairs and its CRC32C).
+
+    Like zarr, chunks holding only ``fill_value`` are not stored, and no file is written
+    when every chunk is empty. Edge chunks are padded with ``fill_value`` to full size.
+    """
+    grid = tuple(s // c for s, c in zip(shard_shape, chunks))
+    index = np.full((*grid, 2), _EMPTY_ENTRY, dtype="<u8")
+    pieces: list[bytes] = []
+    offset = 0
+    padded = np.empty(chunks, dtype=data.dtype)
+    for chunk_index in itertools.product(*map(range, grid)):  # C order
+        region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(chunk_index, chunks))
+        block = data[region]
+        if block.shape != tuple(chunks):
+            padded[...] = fill_value
+            padded[tuple(slice(0, n) for n in block.shape)] = block
+            block = padded
+        if (block == fill_value).all():
+            continue
+        encoded = encode(np.ascontiguousarray(block))
+        index[chunk_index] = (offset, len(encoded))
+        pieces.append(encoded)
+        offset += len(encoded)
+    if not pieces:
+        return
+    index_bytes = index.tobytes()
+    pieces.append(index_bytes)
+    pieces.append(np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
+    path = array_dir.joinpath("c", *("0" for _ in shard_shape))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as stream:
+        stream.writelines(pieces)
 
 
 def delete_scan(store_path: str | os.PathLike, scan_id: str) -> None:

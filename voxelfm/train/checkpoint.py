@@ -68,5 +68,5 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(path, "checkpoint file does not exist") from None
-    except Exception as err:  # corrupt or foreign file: say which and why
+    except Exception as err:  # noqa: BLE001 -- corrupt or foreign file: say which and why
         raise InputError(path, f"not a readable VoxelFM checkpoint ({type(err).__name__}: {err})") from None

@@ -8,8 +8,9 @@ training loop owns optimisation, schedules and the EMA update.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

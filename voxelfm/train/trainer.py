@@ -13,9 +13,10 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -160,6 +161,11 @@ class Pretrainer:
             betas=(cfg["optim"]["adamw_beta1"], cfg["optim"]["adamw_beta2"]),
         )
         self.start_iteration = self._resume()
+        if cfg["train"]["compile"]:
+            # Module.compile keeps parameter names, so the EMA update and checkpoints see the
+            # same state dict as an eager run.
+            for network in (self.model.student, self.model.teacher):
+                network["backbone"].compile()
         # Distinct but reproducible stochastic depth on each rank.
         if self.start_iteration == 0:
             torch.manual_seed(cfg["train"]["seed"] + 1000 * ctx.rank)

@@ -10,8 +10,17 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# mkstemp/mkdtemp create owner-only (0600/0700) entries; outputs get the permissions an
+# ordinary open()/mkdir() would give them. Read once: os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -27,6 +36,7 @@ def atomic_path(destination: str | os.PathLike, *, suffix: str = "") -> Iterator
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         os.replace(tmp, destination)
@@ -35,15 +45,21 @@ def atomic_path(destination: str | os.PathLike, *, suffix: str = "") -> Iterator
 
 
 def atomic_write_bytes(destination: str | os.PathLike, payload: bytes) -> None:
-    with atomic_path(destination) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_path(destination) as tmp, open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_text(destination: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(destination, text.encode())
+
+
+def write_csv_atomically(frame: pd.DataFrame, destination: str | os.PathLike) -> Path:
+    """``frame.to_csv(destination, index=False)``, atomically; returns ``destination``."""
+    with atomic_path(destination) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(destination)
 
 
 @contextlib.contextmanager
@@ -55,7 +71,10 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    )
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         if destination.exists():

@@ -71,11 +71,12 @@ def embedding_store(backbone, dataset=EVAL_DATASET):
 
 
 def label_table(dataset=EVAL_DATASET):
+    """A label CSV, or the synthetic cohort folder (the probe reads its labels.csv)."""
     spec = config["datasets"][dataset]
     if "labels" in spec:
         return spec["labels"]
     if "synthetic" in spec:
-        return RESULTS / "synthetic" / dataset / "labels.csv"
+        return RESULTS / "synthetic" / dataset
     raise ValueError(f"dataset {dataset!r} has no label table (datasets.{dataset}.labels)")
 
 
