@@ -488,12 +488,17 @@ class HandcraftedExtractor(FeatureExtractor):
         mean = (v64 * weights).sum(-1, keepdim=True) / safe
         var = (((v64 - mean) ** 2) * weights).sum(-1, keepdim=True) / safe
         percentiles = _masked_percentiles(v64, valid, count, PERCENTILES)
-        fractions = [
-            ((v64 >= lo) & (v64 < hi) & valid).to(torch.float64).sum(-1, keepdim=True) / safe
-            for _, lo, hi in TISSUE_CLASSES
-        ]
+        # The classes partition the HU axis, so one bucketize + scatter counts them all.
+        boundaries = torch.tensor(
+            [lo for _, lo, _ in TISSUE_CLASSES[1:]], dtype=values.dtype, device=values.device
+        )
+        tissue = torch.bucketize(values, boundaries, right=True)  # class i: [lo_i, hi_i)
+        fractions = torch.zeros(
+            values.shape[0], len(TISSUE_CLASSES), dtype=torch.float64, device=values.device
+        ).scatter_add_(1, tissue, weights)
         features = torch.cat(
-            [hist / safe, mean / KHU, var.sqrt() / KHU, percentiles / KHU, *fractions], dim=-1
+            [hist / safe, mean / KHU, var.sqrt() / KHU, percentiles / KHU, fractions / safe],
+            dim=-1,
         )
         return torch.where(count > 0, features, torch.zeros_like(features)).to(torch.float32)
 
