@@ -490,3 +490,18 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
     truncated.write_bytes(probe.read_bytes()[:100])
     with pytest.raises(InputError, match="ckpt_000000004.pt"):
         Pretrainer(tiny_cfg(), work, CPU, progress=False)
+
+
+def test_uniform_teacher_collapse_is_reported(capsys):
+    from types import SimpleNamespace
+
+    from voxelfm.train.trainer import Pretrainer
+
+    trainer = SimpleNamespace(
+        cfg={"dino": {"head_n_prototypes": 128}}, ctx=SimpleNamespace(is_main=True)
+    )
+    assert not Pretrainer._warn_if_uniform(trainer, 30, {"teacher_entropy": 2.9})
+    assert not Pretrainer._warn_if_uniform(trainer, 30, {"loss_total": 1.0})
+    assert capsys.readouterr().err == ""
+    assert Pretrainer._warn_if_uniform(trainer, 60, {"teacher_entropy": 4.84})  # log 128 = 4.85
+    assert "iteration 60" in capsys.readouterr().err
