@@ -41,6 +41,7 @@ from voxelfm.store.layout import (
     is_safe_name,
     list_partial_scans,
 )
+from voxelfm.utils.jsonable import to_jsonable
 from voxelfm.volume import CanonicalVolume
 
 # Provenance copied from CanonicalVolume.meta into the scan attributes. An allow-list, not a
@@ -290,19 +291,4 @@ def _scan_attributes(
         "input_fingerprint": input_fingerprint,
         "qc": dict(qc) if qc is not None else None,
     }
-    return _to_json(attrs)
-
-
-def _to_json(value: Any) -> Any:
-    """Plain JSON types from numpy scalars/arrays and tuples, recursively."""
-    if isinstance(value, Mapping):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _to_json(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None  # JSON has no NaN; a missing number reads as null
-    return value
+    return to_jsonable(attrs)
