@@ -10,21 +10,34 @@ Writes into ``out_dir`` (atomically, as one folder):
 * ``efficiency.csv``: the label-fraction sweep of the task's first probe (if configured);
 * ``retrieval_ranks.csv`` (retrieval tasks): the rank of every query or trial;
 * ``task.json``: the task, row counts per split and the scans left out with the reason.
+
+Localisation, segmentation and report generation are run by their own modules
+(``DENSE_RUNNERS``), which write ``metrics.csv`` rows in the same schema (via
+:func:`metric_rows`) plus their own prediction files.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from voxelfm.evaluation.tasks import SPLITS, TOKEN_PROBES, TaskData, TaskSpec, align_task
+from voxelfm.errors import VoxelFMError
+from voxelfm.evaluation.tasks import (
+    DENSE_PROBES,
+    SPLITS,
+    TOKEN_PROBES,
+    TaskData,
+    TaskSpec,
+    align_task,
+)
 from voxelfm.utils.atomic import atomic_directory
 from voxelfm.utils.jsonable import to_jsonable
 
@@ -33,6 +46,14 @@ PREDICTIONS_FILE = "predictions.csv"
 EFFICIENCY_FILE = "efficiency.csv"
 RANKS_FILE = "retrieval_ranks.csv"
 TASK_FILE = "task.json"
+
+# category -> "module:function" with the signature
+# (task, data, embeddings, bootstrap, out_dir, context) -> pd.DataFrame of metric rows.
+DENSE_RUNNERS: dict[str, str] = {
+    "localisation": "voxelfm.evaluation.localisation:run_localisation",
+    "segmentation": "voxelfm.evaluation.segmentation:run_segmentation",
+    "report_generation": "voxelfm.evaluation.report_generation:run_report_generation",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +67,20 @@ class BootstrapSettings:
         return cls(**dict(spec or {}))
 
 
+@dataclass
+class DenseContext:
+    """What dense probes need beyond the embeddings and the label table.
+
+    volumes: a ``voxelfm.store.VolumeStore`` holding the scans and their label maps on the
+        canonical grid (segmentation targets), or None.
+    sources: scan_id -> path of the source image (manifest ``image``), so predicted label
+        maps can be written back in the source image's space; empty: no write-back.
+    """
+
+    volumes: Any = None
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
 def run_task(
     embeddings,
     labels: pd.DataFrame,
@@ -54,6 +89,7 @@ def run_task(
     *,
     bootstrap: BootstrapSettings | None = None,
     labels_source: str = "label table",
+    context: DenseContext | None = None,
 ) -> Path:
     """Evaluate ``task`` on the embeddings of one backbone; returns ``out_dir``.
 
@@ -61,6 +97,7 @@ def run_task(
         embeddings: a ``voxelfm.extract.EmbeddingStore`` (scan_ids, patient_ids,
             global_features, pooled_patch_grid).
         labels: the label table (see ``tasks.read_label_table``).
+        context: volumes and source paths for the dense categories (see DenseContext).
     """
     bootstrap = bootstrap or BootstrapSettings()
     data = align_task(
@@ -70,6 +107,9 @@ def run_task(
     with atomic_directory(out_dir) as tmp:
         if task.category == "retrieval":
             metrics = _run_retrieval(task, data, features, bootstrap, tmp)
+        elif task.category in DENSE_PROBES:
+            runner = dense_runner(task.category)
+            metrics = runner(task, data, embeddings, bootstrap, tmp, context or DenseContext())
         else:
             metrics = _run_probes(task, data, features, embeddings, bootstrap, tmp)
         metrics.insert(0, "task", task.name)
@@ -86,6 +126,15 @@ def run_task(
         }
         (tmp / TASK_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return Path(out_dir)
+
+
+def dense_runner(category: str):
+    """The runner function of a dense or language category (see ``DENSE_RUNNERS``)."""
+    try:
+        module_name, function_name = DENSE_RUNNERS[category].split(":")
+    except KeyError:
+        raise VoxelFMError(f"no runner for task category {category!r}") from None
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def _token_inputs(embeddings, data: TaskData, task: TaskSpec) -> np.ndarray | None:
@@ -119,7 +168,7 @@ def _run_probes(
         if probe_name in TOKEN_PROBES:
             tokens = tokens if tokens is not None else _token_inputs(embeddings, data, task)
             if tokens is None:
-                rows.append(_skipped(probe_name, "the backbone has no patch tokens"))
+                rows.append(skipped_row(probe_name, "the backbone has no patch tokens"))
                 continue
             inputs = tokens
         else:
@@ -143,7 +192,7 @@ def _run_probes(
             seed=bootstrap.seed,
             confidence=bootstrap.confidence,
         )
-        rows += _metric_rows(
+        rows += metric_rows(
             probe_name,
             intervals,
             n_test_scans=int(masks["test"].sum()),
@@ -220,7 +269,7 @@ def _run_retrieval(
             seed=bootstrap.seed,
             confidence=bootstrap.confidence,
         )
-        rows += _metric_rows(
+        rows += metric_rows(
             protocol,
             intervals,
             n_test_scans=len(ranks),
@@ -248,7 +297,7 @@ def _min_other_patient_scans(patient_ids: np.ndarray) -> int:
     return int(len(patient_ids) - counts.max())
 
 
-def _metric_rows(probe: str, intervals: Mapping[str, Any], **columns: Any) -> list[dict]:
+def metric_rows(probe: str, intervals: Mapping[str, Any], **columns: Any) -> list[dict]:
     """One metrics.csv row per bootstrapped metric; ``columns`` fill the shared fields."""
     shared = {
         "validation_score": np.nan,
@@ -271,7 +320,7 @@ def _metric_rows(probe: str, intervals: Mapping[str, Any], **columns: Any) -> li
     ]
 
 
-def _skipped(probe: str, reason: str) -> dict[str, Any]:
+def skipped_row(probe: str, reason: str) -> dict[str, Any]:
     return {"probe": probe, "metric": None, "estimate": np.nan, "note": f"skipped: {reason}"}
 
 

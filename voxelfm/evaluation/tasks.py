@@ -27,7 +27,15 @@ import pandas as pd
 from voxelfm.errors import InputError, VoxelFMError
 from voxelfm.probes.splits import check_patient_level_split
 
-Category = Literal["classification", "regression", "survival", "retrieval"]
+Category = Literal[
+    "classification",
+    "regression",
+    "survival",
+    "retrieval",
+    "localisation",
+    "segmentation",
+    "report_generation",
+]
 FeatureKind = Literal["cls", "pooled", "cls+pooled"]
 
 SPLITS = ("train", "val", "test")
@@ -36,13 +44,31 @@ _SPLIT_ALIASES = {"validation": "val", "valid": "val", "training": "train", "tes
 # Probes that read patch tokens (pooled to a fixed grid) instead of one vector per scan.
 TOKEN_PROBES = frozenset({"attentive"})
 RETRIEVAL_PROTOCOLS = ("gallery", "pool")
+# Categories whose probes read patch tokens or text and are run by their own module
+# (``run_<category>(task, data, embeddings, bootstrap, out, context) -> metric rows``).
+DENSE_PROBES: dict[str, tuple[str, ...]] = {
+    "localisation": ("soft_argmax",),
+    "segmentation": ("conv_decoder",),
+    "report_generation": ("decoder", "nearest_neighbour", "llm"),
+}
 DEFAULT_PROBES: dict[str, tuple[str, ...]] = {
     "classification": ("logistic", "knn", "attentive"),
     "regression": ("ridge", "mlp"),
     "survival": ("cox", "mlp_cox"),
     "retrieval": RETRIEVAL_PROTOCOLS,
+    "localisation": ("soft_argmax",),
+    "segmentation": ("conv_decoder",),
+    "report_generation": ("decoder", "nearest_neighbour"),
 }
-_N_LABEL_COLUMNS = {"regression": 1, "survival": 2, "retrieval": 0}
+# localisation: the RAS world position in mm (x, y, z columns); report_generation: the text.
+_N_LABEL_COLUMNS = {
+    "regression": 1,
+    "survival": 2,
+    "retrieval": 0,
+    "localisation": 3,
+    "segmentation": 0,
+    "report_generation": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +87,8 @@ class TaskSpec:
             (empty: no sweep); the sweep runs the first probe of the list.
         sweep_repeats: subsamples per fraction.
         seed: seeds probe initialisation and the sweep's subsamples.
+        options: category-specific settings of the dense and language probes (e.g.
+            ``hit_radius_mm``, ``label_map``, ``classes``), checked by the category's runner.
     """
 
     name: str
@@ -73,6 +101,7 @@ class TaskSpec:
     label_fractions: tuple[float, ...] = ()
     sweep_repeats: int = 3
     seed: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -100,6 +129,13 @@ class TaskSpec:
                     f"task {name!r}: unknown retrieval protocol(s) {unknown}; "
                     f"known: {list(RETRIEVAL_PROTOCOLS)}"
                 )
+        elif category in DENSE_PROBES:
+            unknown = sorted(set(probes) - set(DENSE_PROBES[category]))
+            if unknown:
+                raise VoxelFMError(
+                    f"task {name!r}: unknown {category} probe(s) {unknown}; "
+                    f"known: {list(DENSE_PROBES[category])}"
+                )
         else:
             from voxelfm.probes.registry import PROBE_FITTERS
 
@@ -120,6 +156,11 @@ class TaskSpec:
             "seed": int,
         }
         options = {key: convert(spec.pop(key)) for key, convert in known.items() if key in spec}
+        category_options = spec.pop("options", None) or {}
+        if not isinstance(category_options, Mapping):
+            raise VoxelFMError(f"task {name!r}: options must be a mapping")
+        if category_options and category not in DENSE_PROBES:
+            raise VoxelFMError(f"task {name!r}: a {category} task takes no options")
         spec.pop("description", None)
         if spec:
             raise VoxelFMError(f"task {name!r}: unknown setting(s) {sorted(spec)}")
@@ -129,6 +170,7 @@ class TaskSpec:
             labels=labels,
             probes=probes,
             features=features,
+            options=dict(category_options),
             **options,
         )
 

@@ -187,6 +187,8 @@ def build_extractor(
         raise VoxelFMError(f"backbone spec must be a mapping with a 'kind', got {spec!r}")
     kind = spec.get("kind")
     if kind not in BACKBONE_KINDS:
+        import voxelfm.extract.foreign  # noqa: F401  (registers the other CT foundation models)
+    if kind not in BACKBONE_KINDS:
         raise VoxelFMError(
             f"unknown backbone kind {kind!r}; registered kinds: {', '.join(sorted(BACKBONE_KINDS))}"
         )
