@@ -87,6 +87,7 @@ def test_dry_run_has_the_whole_dag(tmp_path):
         "export_teacher": 1,
         "embed": 3,
         "probe": 12,
+        "probe_dense": 9,
         "aggregate": 1,
     }
 
@@ -107,6 +108,16 @@ def test_slurm_profile_gives_a_gpu_to_extraction(tmp_path):
     assert result.returncode == 0, result.stderr
     block = result.stdout.split("rule embed:")[1].split("\n\n")[0]
     assert "gpu=1" in block and "cpus_per_gpu=" in block, block
+
+
+def test_slurm_profile_gives_a_gpu_to_dense_probes_only(tmp_path):
+    config = write_config(tmp_path)
+    result = run_snakemake("-n", "--profile", "profiles/slurm", "--configfile", str(config))
+    assert result.returncode == 0, result.stderr
+    dense = result.stdout.split("rule probe_dense:")[1].split("\n\n")[0]
+    assert "gpu=1" in dense and "--volumes" in dense and "--manifest" in dense, dense
+    vector = result.stdout.split("rule probe:")[1].split("\n\n")[0]
+    assert "gpu=1" not in vector, vector
 
 
 def test_pretrained_backbone_without_pretraining_is_rejected(tmp_path):

@@ -104,7 +104,19 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     from voxelfm.evaluation import BootstrapSettings, TaskSpec, read_label_table, run_task
     from voxelfm.extract import EmbeddingStore
 
+    from voxelfm.evaluation.run import DenseContext
+
     task = TaskSpec.from_config(args.task_name, args.task)
+    context = DenseContext()
+    if args.volumes:
+        from voxelfm.store import VolumeStore
+
+        context.volumes = VolumeStore(args.volumes)
+    if args.manifest:
+        from voxelfm.ingest.manifest import read_manifest
+
+        manifest = read_manifest(args.manifest)
+        context.sources = dict(zip(manifest["scan_id"], manifest["image"]))
     out = run_task(
         EmbeddingStore(args.embeddings),
         read_label_table(args.labels),
@@ -112,6 +124,7 @@ def _cmd_probe(args: argparse.Namespace) -> None:
         args.out,
         bootstrap=BootstrapSettings.from_config(args.bootstrap),
         labels_source=str(args.labels),
+        context=context,
     )
     print(f"task {task.name} ({task.category}) evaluated: {out}")
 
@@ -195,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--task-name", required=True)
     cmd.add_argument("--task", type=_json_arg, required=True, help="JSON task settings")
     cmd.add_argument("--bootstrap", type=_json_arg, default={}, help="JSON bootstrap settings")
+    cmd.add_argument(
+        "--volumes",
+        nargs="+",
+        help="shard stores with the scans and label maps (segmentation targets, figures)",
+    )
+    cmd.add_argument(
+        "--manifest", help="validated manifest: predicted label maps are written back to its images"
+    )
     cmd.add_argument("--out", required=True, help="result folder to write")
 
     cmd = add("report", _cmd_report, "Put every probe result side by side: tables and plots.")

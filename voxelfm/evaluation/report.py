@@ -8,7 +8,9 @@
 * ``paired.csv``: paired bootstrap differences of each backbone against the reference
   backbone (the first listed), on the same test patients, with two-sided p-values;
 * ``overview.png``, ``roc_<task>.png``, ``km_<task>.png``, ``retrieval_<task>.png``,
-  ``efficiency_<task>.png``: the figures.
+  ``efficiency_<task>.png``: the figures;
+* ``<task>__<backbone>__<figure>.png``: the figures the dense probes drew per backbone
+  (PCA feature maps, segmentation overlays, localisation markers).
 
 Balanced accuracy is not paired: its threshold is chosen per backbone on validation, so the
 two arms would not be scored by the same function.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,7 +49,13 @@ PRIMARY_METRIC = {
     "regression": "r2",
     "survival": "c_index",
     "retrieval": "recall@1",
+    "localisation": "mean_error_mm",
+    "segmentation": "dice_macro",
+    "report_generation": "finding_f1",
 }
+# Metrics where a lower value is better (the overview says so in its axis label).
+LOWER_IS_BETTER = frozenset({"mae", "rmse", "mean_error_mm", "median_error_mm"})
+FIGURES_DIR = "figures"
 _PAIRED_METRICS = {
     "classification": ("auroc", "auprc"),
     "regression": ("mae", "r2", "pearson_r"),
@@ -97,6 +106,9 @@ def aggregate(
                 drawn = figure(per_backbone, task)
                 if drawn is not None:
                     _save(drawn, tmp / f"{_figure_prefix(category)}_{task}.png")
+            for backbone, path in per_backbone.items():
+                for png in sorted((path / FIGURES_DIR).glob("*.png")):
+                    shutil.copyfile(png, tmp / f"{task}__{backbone}__{png.name}")
             efficiency = _efficiency_table(per_backbone)
             if efficiency is not None:
                 _save(
@@ -205,8 +217,8 @@ def _paired_comparisons(results, tasks, backbones, categories, bootstrap) -> pd.
     rows = []
     for task in tasks:
         category = categories[task]
-        if category == "retrieval" or (task, reference) not in results:
-            continue
+        if category not in _PAIRED_METRICS or (task, reference) not in results:
+            continue  # retrieval and the dense categories have no per-scan score pairing
         functions = {m: metric_sources[category][m] for m in _PAIRED_METRICS[category]}
         ref_predictions = _test_predictions(results[(task, reference)])
         label_columns = json.loads((results[(task, reference)] / TASK_FILE).read_text())["task"][
@@ -312,6 +324,8 @@ def plot_overview(metrics: pd.DataFrame, backbones: Sequence[str], tasks: Sequen
         category = rows["category"].iloc[0]
         metric = PRIMARY_METRIC[category]
         first_probe = rows["probe"].iloc[0]
+        if metric not in set(rows["metric"]):  # e.g. a runner that names its metrics otherwise
+            metric = rows["metric"].dropna().iloc[0] if rows["metric"].notna().any() else metric
         selected = rows[(rows["probe"] == first_probe) & (rows["metric"] == metric)]
         selected = selected.set_index("backbone").reindex(backbones)
         x = np.arange(len(backbones))
@@ -321,7 +335,7 @@ def plot_overview(metrics: pd.DataFrame, backbones: Sequence[str], tasks: Sequen
         axes.errorbar(x, estimate, yerr=[low, high], fmt="o", capsize=4)
         axes.set_xticks(x, backbones, rotation=30, ha="right")
         axes.set_title(f"{task}\n{first_probe}", fontsize=9)
-        axes.set_ylabel(metric)
+        axes.set_ylabel(f"{metric} (lower is better)" if metric in LOWER_IS_BETTER else metric)
         chance = {"auroc": 0.5, "c_index": 0.5, "r2": 0.0}.get(metric)
         if chance is not None:
             axes.axhline(chance, color="grey", linestyle=":", linewidth=1)

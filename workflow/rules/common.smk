@@ -1,5 +1,6 @@
 # Path helpers shared by every rule file. Nothing here imports torch or reads data.
 import json
+import re
 from pathlib import Path
 
 # Every rule calls the `voxelfm` tool of the environment that environment.yml describes
@@ -44,6 +45,15 @@ EVALUATION = config["evaluation"]
 EVAL_DATASET = EVALUATION["dataset"] or DATASETS[0]
 BACKBONES = list(EVALUATION["backbones"])
 TASKS = list(EVALUATION["tasks"])
+# Probes that train a network on patch tokens or text, with the scans' label maps at hand.
+DENSE_CATEGORIES = ("localisation", "segmentation", "report_generation")
+DENSE_TASKS = [t for t in TASKS if EVALUATION["tasks"][t]["category"] in DENSE_CATEGORIES]
+GLOBAL_TASKS = [t for t in TASKS if t not in DENSE_TASKS]
+
+
+def task_pattern(tasks):
+    """A wildcard constraint matching exactly these task names (never empty)."""
+    return "|".join(re.escape(t) for t in tasks) or "(?!)"
 
 
 def backbone_spec(backbone):

@@ -29,6 +29,8 @@ rule embed:
 
 
 rule probe:
+    wildcard_constraints:
+        task=task_pattern(GLOBAL_TASKS),
     input:
         embeddings=lambda wc: embedding_store(wc.backbone),
         labels=label_table(),
@@ -49,6 +51,38 @@ rule probe:
         "OMP_NUM_THREADS={threads} voxelfm probe --embeddings {input.embeddings}"
         " --labels {input.labels} --task-name {wildcards.task} --task {params.task}"
         " --bootstrap {params.bootstrap} --out {output} > {log} 2>&1"
+
+
+rule probe_dense:
+    # Localisation, segmentation and report generation train a small network on patch tokens
+    # (the slurm profile gives these jobs a GPU); they also read the scans' label maps and
+    # write predicted label maps back into the source images' space.
+    wildcard_constraints:
+        task=task_pattern(DENSE_TASKS),
+    input:
+        embeddings=lambda wc: embedding_store(wc.backbone),
+        labels=label_table(),
+        stores=shard_stores(EVAL_DATASET),
+        manifest=RESULTS / "data" / EVAL_DATASET / "manifest.csv",
+    output:
+        directory(RESULTS / "evaluation" / "{task}" / "{backbone}"),
+    log:
+        LOGS / "probe" / "{task}" / "{backbone}.log",
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        gpu=0,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        task=lambda wc: as_cli_json(EVALUATION["tasks"][wc.task]),
+        bootstrap=as_cli_json(EVALUATION["bootstrap"]),
+    shell:
+        "OMP_NUM_THREADS={threads} voxelfm probe --embeddings {input.embeddings}"
+        " --labels {input.labels} --task-name {wildcards.task} --task {params.task}"
+        " --bootstrap {params.bootstrap} --volumes {input.stores} --manifest {input.manifest}"
+        " --out {output} > {log} 2>&1"
 
 
 rule aggregate:
