@@ -102,9 +102,8 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
 def _cmd_probe(args: argparse.Namespace) -> None:
     from voxelfm.evaluation import BootstrapSettings, TaskSpec, read_label_table, run_task
-    from voxelfm.extract import EmbeddingStore
-
     from voxelfm.evaluation.run import DenseContext
+    from voxelfm.extract import EmbeddingStore
 
     task = TaskSpec.from_config(args.task_name, args.task)
     context = DenseContext()
