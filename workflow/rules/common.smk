@@ -47,7 +47,9 @@ BACKBONES = list(EVALUATION["backbones"])
 TASKS = list(EVALUATION["tasks"])
 # Probes that train a network on patch tokens or text, with the scans' label maps at hand.
 DENSE_CATEGORIES = ("localisation", "segmentation", "report_generation")
-DENSE_TASKS = [t for t in TASKS if EVALUATION["tasks"][t]["category"] in DENSE_CATEGORIES]
+DENSE_TASKS = [
+    t for t in TASKS if EVALUATION["tasks"][t]["category"] in DENSE_CATEGORIES
+]
 GLOBAL_TASKS = [t for t in TASKS if t not in DENSE_TASKS]
 
 
@@ -73,7 +75,9 @@ def backbone_spec(backbone):
 def backbone_inputs(wildcards):
     """Files a backbone is built from that this workflow produces (the exported teacher)."""
     spec = backbone_spec(wildcards.backbone)
-    return [spec[k] for k in ("path", "like") if spec.get(k) == str(PRETRAINED_BACKBONE)]
+    return [
+        spec[k] for k in ("path", "like") if spec.get(k) == str(PRETRAINED_BACKBONE)
+    ]
 
 
 def embedding_store(backbone, dataset=EVAL_DATASET):
@@ -87,7 +91,9 @@ def label_table(dataset=EVAL_DATASET):
         return spec["labels"]
     if "synthetic" in spec:
         return RESULTS / "synthetic" / dataset
-    raise ValueError(f"dataset {dataset!r} has no label table (datasets.{dataset}.labels)")
+    raise ValueError(
+        f"dataset {dataset!r} has no label table (datasets.{dataset}.labels)"
+    )
 
 
 def probe_result(task, backbone):

@@ -29,8 +29,6 @@ rule embed:
 
 
 rule probe:
-    wildcard_constraints:
-        task=task_pattern(GLOBAL_TASKS),
     input:
         embeddings=lambda wc: embedding_store(wc.backbone),
         labels=label_table(),
@@ -38,6 +36,8 @@ rule probe:
         directory(RESULTS / "evaluation" / "{task}" / "{backbone}"),
     log:
         LOGS / "probe" / "{task}" / "{backbone}.log",
+    wildcard_constraints:
+        task=task_pattern(GLOBAL_TASKS),
     conda:
         CONDA_ENV
     threads: 1
@@ -54,11 +54,6 @@ rule probe:
 
 
 rule probe_dense:
-    # Localisation, segmentation and report generation train a small network on patch tokens
-    # (the slurm profile gives these jobs a GPU); they also read the scans' label maps and
-    # write predicted label maps back into the source images' space.
-    wildcard_constraints:
-        task=task_pattern(DENSE_TASKS),
     input:
         embeddings=lambda wc: embedding_store(wc.backbone),
         labels=label_table(),
@@ -68,6 +63,11 @@ rule probe_dense:
         directory(RESULTS / "evaluation" / "{task}" / "{backbone}"),
     log:
         LOGS / "probe" / "{task}" / "{backbone}.log",
+    # Localisation, segmentation and report generation train a small network on patch tokens
+    # (the slurm profile gives these jobs a GPU); they also read the scans' label maps and
+    # write predicted label maps back into the source images' space.
+    wildcard_constraints:
+        task=task_pattern(DENSE_TASKS),
     conda:
         CONDA_ENV
     threads: 2
