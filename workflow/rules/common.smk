@@ -1,6 +1,7 @@
 # Path helpers shared by every rule file. Nothing here imports torch or reads data.
 import json
 import re
+import shlex
 from pathlib import Path
 
 # Every rule calls the `voxelfm` tool of the environment that environment.yml describes
@@ -22,11 +23,28 @@ def shard_stores(dataset):
     return [dataset_dir(dataset) / "zarr" / f"shard_{s}.zarr" for s in SHARDS]
 
 
+def adapted_dir(dataset):
+    return RESULTS / "adapted" / dataset
+
+
+def adapter_command(dataset):
+    """`voxelfm adapt` arguments for a dataset configured with an adapter."""
+    spec = config["datasets"][dataset]["adapter"]
+    options = " ".join(
+        f"--option {shlex.quote(f'{key}={value}')}"
+        for key, value in sorted(spec["options"].items())
+    )
+    return f"{spec['name']} --root {shlex.quote(str(spec['root']))} --seed {spec['seed']} {options}"
+
+
 def manifest_source(wildcards):
-    """The manifest a dataset starts from: a user file, or the synthetic cohort folder."""
+    """The manifest a dataset starts from: a user file, an adapter's output folder, or the
+    synthetic cohort folder."""
     spec = config["datasets"][wildcards.dataset]
     if "manifest" in spec:
         return spec["manifest"]
+    if "adapter" in spec:
+        return adapted_dir(wildcards.dataset)
     return RESULTS / "synthetic" / wildcards.dataset
 
 
@@ -80,17 +98,32 @@ def backbone_inputs(wildcards):
     ]
 
 
+def task_dataset(task):
+    """The dataset a task is evaluated on: its own `dataset`, else evaluation.dataset."""
+    dataset = EVALUATION["tasks"][task].get("dataset") or EVAL_DATASET
+    if dataset not in config["datasets"]:
+        raise ValueError(f"task {task!r}: dataset {dataset!r} is not in datasets")
+    return dataset
+
+
+def task_settings(task):
+    """The task's probe settings for `voxelfm probe` (the workflow-level keys removed)."""
+    return {k: v for k, v in EVALUATION["tasks"][task].items() if k != "dataset"}
+
+
 def embedding_store(backbone, dataset=EVAL_DATASET):
     return RESULTS / "embeddings" / backbone / f"{dataset}.zarr"
 
 
 def label_table(dataset=EVAL_DATASET):
-    """A label CSV, or the synthetic cohort folder (the probe reads its labels.csv)."""
+    """A label CSV, or a folder with labels.csv (synthetic cohort, adapter output)."""
     spec = config["datasets"][dataset]
     if "labels" in spec:
         return spec["labels"]
     if "synthetic" in spec:
         return RESULTS / "synthetic" / dataset
+    if "adapter" in spec:
+        return adapted_dir(dataset)
     raise ValueError(
         f"dataset {dataset!r} has no label table (datasets.{dataset}.labels)"
     )

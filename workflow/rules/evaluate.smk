@@ -30,8 +30,8 @@ rule embed:
 
 rule probe:
     input:
-        embeddings=lambda wc: embedding_store(wc.backbone),
-        labels=label_table(),
+        embeddings=lambda wc: embedding_store(wc.backbone, task_dataset(wc.task)),
+        labels=lambda wc: label_table(task_dataset(wc.task)),
     output:
         directory(RESULTS / "evaluation" / "{task}" / "{backbone}"),
     log:
@@ -45,7 +45,7 @@ rule probe:
         mem_mb=4000,
         runtime=30,
     params:
-        task=lambda wc: as_cli_json(EVALUATION["tasks"][wc.task]),
+        task=lambda wc: as_cli_json(task_settings(wc.task)),
         bootstrap=as_cli_json(EVALUATION["bootstrap"]),
     shell:
         "OMP_NUM_THREADS={threads} voxelfm probe --embeddings {input.embeddings}"
@@ -55,10 +55,10 @@ rule probe:
 
 rule probe_dense:
     input:
-        embeddings=lambda wc: embedding_store(wc.backbone),
-        labels=label_table(),
-        stores=shard_stores(EVAL_DATASET),
-        manifest=RESULTS / "data" / EVAL_DATASET / "manifest.csv",
+        embeddings=lambda wc: embedding_store(wc.backbone, task_dataset(wc.task)),
+        labels=lambda wc: label_table(task_dataset(wc.task)),
+        stores=lambda wc: shard_stores(task_dataset(wc.task)),
+        manifest=lambda wc: dataset_dir(task_dataset(wc.task)) / "manifest.csv",
     output:
         directory(RESULTS / "evaluation" / "{task}" / "{backbone}"),
     log:
@@ -76,7 +76,7 @@ rule probe_dense:
         mem_mb=8000,
         runtime=60,
     params:
-        task=lambda wc: as_cli_json(EVALUATION["tasks"][wc.task]),
+        task=lambda wc: as_cli_json(task_settings(wc.task)),
         bootstrap=as_cli_json(EVALUATION["bootstrap"]),
     shell:
         "OMP_NUM_THREADS={threads} voxelfm probe --embeddings {input.embeddings}"

@@ -14,6 +14,20 @@ rule synthesize_cohort:
         "voxelfm synth --out {output} --spec {params.spec} > {log} 2>&1"
 
 
+rule adapt_dataset:
+    # A public dataset's own layout on disk -> manifest.csv + labels.csv + dataset.json.
+    output:
+        directory(RESULTS / "adapted" / "{dataset}"),
+    log:
+        LOGS / "adapt_dataset" / "{dataset}.log",
+    conda:
+        CONDA_ENV
+    params:
+        command=lambda wc: adapter_command(wc.dataset),
+    shell:
+        "voxelfm adapt {params.command} --out {output} > {log} 2>&1"
+
+
 rule validate_manifest:
     input:
         manifest_source,
