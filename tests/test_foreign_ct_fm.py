@@ -19,7 +19,7 @@ SMALL = {"init_filters": 4, "blocks_down": [1, 1, 1, 1, 1]}  # 64-d last stage, 
 
 
 def small_spec(**extra):
-    return {"kind": "ct_fm", "architecture": SMALL, **extra}
+    return {"kind": "ct_fm", "overrides": SMALL, **extra}
 
 
 def volume(shape=(32, 48, 32), seed=0) -> torch.Tensor:

@@ -17,7 +17,7 @@ SMALL_INPUT = [64, 64, 32]
 
 
 def small_spec(**extra):
-    return {"kind": "merlin", "architecture": SMALL, "input_size": SMALL_INPUT, **extra}
+    return {"kind": "merlin", "overrides": SMALL, "input_size": SMALL_INPUT, **extra}
 
 
 def volume(shape=(32, 48, 32), seed=0) -> torch.Tensor:

@@ -25,7 +25,7 @@ SMALL = {
 
 
 def small_spec(**extra):
-    return {"kind": "radfm", "architecture": SMALL, "image_size": 64, "max_frames": 16, **extra}
+    return {"kind": "radfm", "overrides": SMALL, "image_size": 64, "max_frames": 16, **extra}
 
 
 def volume(shape=(32, 48, 32), seed=0) -> torch.Tensor:

@@ -146,6 +146,32 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"report written: {out}")
 
 
+def _cmd_adapt(args: argparse.Namespace) -> None:
+    from voxelfm.datasets import ADAPTERS, adapt_dataset, adapter_options, adapter_summary
+
+    if args.list:
+        for name in ADAPTERS:
+            options = ", ".join(f"{k}={v!r}" for k, v in adapter_options(name).items())
+            print(f"{name}: {adapter_summary(name)}\n    options: {options}")
+        return
+    if not (args.adapter and args.root and args.out):
+        raise VoxelFMError("adapt needs ADAPTER, --root and --out (or --list)")
+    options = {"seed": args.seed}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise VoxelFMError(f"--option items are KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)  # numbers, lists, mappings
+        except json.JSONDecodeError:
+            options[key.strip()] = value  # a plain string (e.g. structures=liver,spleen)
+    dataset = adapt_dataset(args.adapter, args.root, args.out, **options)
+    print(
+        f"{dataset.name}: {dataset.n_scans} scans of {dataset.n_patients} patients, "
+        f"{len(dataset.tasks)} suggested tasks: {dataset.out_dir}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="voxelfm", description="VoxelFM: CT preprocessing, pretraining and evaluation."
@@ -222,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--backbones", nargs="+", help="display order; the first is the reference")
     cmd.add_argument("--bootstrap", type=_json_arg, default={}, help="JSON bootstrap settings")
     cmd.add_argument("--out", required=True, help="report folder to write")
+
+    cmd = add("adapt", _cmd_adapt, "Turn a public dataset's layout into manifest + labels.")
+    cmd.add_argument("adapter", nargs="?", help="dataset adapter name (see --list)")
+    cmd.add_argument("--list", action="store_true", help="list the adapters and their options")
+    cmd.add_argument("--root", help="the dataset's folder, as downloaded")
+    cmd.add_argument("--out", help="folder for manifest.csv, labels.csv, dataset.json")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of drawn splits")
+    cmd.add_argument(
+        "--option", action="append", default=[], help="KEY=VALUE adapter option (JSON or text)"
+    )
 
     return parser
 

@@ -141,12 +141,12 @@ def build_ct_fm(spec: Mapping[str, Any], device: torch.device, precision: str) -
     """Spec options: path | random_weights, name, device, spacing_mm (None), crop_foreground
     (true), patch_size (16), architecture (SegResEncoder overrides, for tests), seed."""
     options = foreign_options(
-        spec, MODEL, optional=("crop_foreground", "patch_size", "architecture", "seed")
+        spec, MODEL, optional=("crop_foreground", "patch_size", "overrides", "seed")
     )
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(options.get("seed", 0)))
-            model = build_encoder(**dict(options.get("architecture") or {}))
+            model = build_encoder(**dict(options.get("overrides") or {}))
     except (TypeError, ValueError, KeyError) as error:
         raise VoxelFMError(f"ct_fm: bad architecture option: {error}") from error
     sha = None

@@ -229,9 +229,9 @@ def build_merlin(spec: Mapping[str, Any], device: torch.device, precision: str) 
     "contrastive"), patch_size (16), input_size ([224, 224, 160]), architecture (constructor
     overrides of MerlinImageEncoder: layers, width, num_phenotypes, projection_dim), seed."""
     options = foreign_options(
-        spec, MODEL, optional=("embedding", "patch_size", "input_size", "architecture", "seed")
+        spec, MODEL, optional=("embedding", "patch_size", "input_size", "overrides", "seed")
     )
-    architecture = dict(options.get("architecture") or {})
+    architecture = dict(options.get("overrides") or {})
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(options.get("seed", 0)))

@@ -313,9 +313,9 @@ def build_radfm(spec: Mapping[str, Any], device: torch.device, precision: str) -
     options = foreign_options(
         spec,
         MODEL,
-        optional=("image_size", "max_frames", "hu_window", "patch_size", "architecture", "seed"),
+        optional=("image_size", "max_frames", "hu_window", "patch_size", "overrides", "seed"),
     )
-    architecture = {**RELEASE, **dict(options.get("architecture") or {})}
+    architecture = {**RELEASE, **dict(options.get("overrides") or {})}
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(options.get("seed", 0)))
