@@ -93,3 +93,33 @@ def test_bad_manifest_is_one_line_naming_the_file_and_reason(tmp_path, case):
     assert "\n" not in message
     assert message.startswith(f"{path}: ")
     assert reason in caught.value.reason
+
+
+def test_rescale_columns_are_read_per_row_and_checked(tmp_path):
+    from voxelfm.ingest.manifest import rescale_of
+
+    path = write(
+        tmp_path,
+        f"{HEADER},rescale_slope,rescale_intercept\ns1,p1,a.nii.gz,1,-8192\ns2,p1,b.nii.gz,,\n",
+    )
+    manifest = read_manifest(path)
+    assert rescale_of(manifest.iloc[0]) == (1.0, -8192.0)
+    assert rescale_of(manifest.iloc[1]) is None  # empty cells: the file already holds HU
+    bad = write(tmp_path, f"{HEADER},rescale_slope\ns1,p1,a.nii.gz,zero\n", "bad.csv")
+    with pytest.raises(InputError, match="line 2: rescale_slope 'zero' is not a usable number"):
+        read_manifest(bad)
+
+
+def test_manifest_rescale_turns_stored_values_into_hu(tmp_path):
+    """CT-RATE-style files hold stored values; the manifest's rescale makes them HU."""
+    import numpy as np
+    from io_fixtures import synthetic_ct, write_nifti
+
+    from voxelfm.io.preprocess import preprocess_scan
+
+    image = synthetic_ct(spacing=(2.0, 2.0, 2.0), seed=1)
+    stored = write_nifti(image + 1024.0, tmp_path / "stored.nii.gz")  # HU + 1024, no tags
+    as_hu = preprocess_scan(write_nifti(image, tmp_path / "hu.nii.gz"), spacing=None)
+    rescaled = preprocess_scan(stored, spacing=None, rescale=(1.0, -1024.0))
+    np.testing.assert_array_equal(rescaled.image, as_hu.image)
+    assert rescaled.meta["manifest_rescale"] == [1.0, -1024.0]

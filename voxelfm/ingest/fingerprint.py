@@ -26,6 +26,7 @@ def input_fingerprint(
     spacing: tuple[float, float, float] | None,
     hu_range: tuple[int, int],
     series_uid: str | None,
+    rescale: tuple[float, float] | None = None,
 ) -> str:
     """SHA-256 over the inputs' bytes and the preprocessing parameters."""
     digest = hashlib.sha256()
@@ -35,6 +36,8 @@ def input_fingerprint(
         "hu_range": [int(v) for v in hu_range],
         "series_uid": series_uid,
     }
+    if rescale is not None:  # only when given, so existing stores keep their fingerprints
+        parameters["rescale"] = [float(v) for v in rescale]
     digest.update(json.dumps(parameters, sort_keys=True).encode())
     for role, path in [("image", image), *sorted((f"label_{n}", p) for n, p in labels.items())]:
         digest.update(role.encode())

@@ -2,8 +2,11 @@
 
 Required columns: ``scan_id``, ``patient_id``, ``image`` (a DICOM series folder or a
 NIfTI/NRRD/MetaImage file). Optional: ``label_<name>`` columns holding label-map paths
-(an empty cell means that scan has no such label) and ``series_uid`` (picks one series in a
-DICOM folder holding several). Other columns are kept and ignored. Relative paths are
+(an empty cell means that scan has no such label), ``series_uid`` (picks one series in a
+DICOM folder holding several) and ``rescale_slope`` / ``rescale_intercept`` (HU = slope x
+stored value + intercept, applied before anything else, for collections whose image files
+hold raw stored values with the rescale in a side table, such as CT-RATE; an empty cell
+means the file's values are already HU). Other columns are kept and ignored. Relative paths are
 resolved against the manifest's folder.
 
 Every problem is an InputError naming the manifest and the line (the header is line 1), so
@@ -18,6 +21,7 @@ import csv
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from voxelfm.errors import InputError
@@ -26,6 +30,7 @@ from voxelfm.store.layout import SAFE_NAME_RULE, is_safe_name
 REQUIRED_COLUMNS = ("scan_id", "patient_id", "image")
 LABEL_PREFIX = "label_"
 SERIES_UID_COLUMN = "series_uid"
+RESCALE_COLUMNS = ("rescale_slope", "rescale_intercept")
 _FIRST_DATA_LINE = 2  # line 1 is the header
 
 
@@ -41,6 +46,14 @@ def label_paths(row: pd.Series) -> dict[str, str]:
         for column in row.index
         if column.startswith(LABEL_PREFIX) and row[column]
     }
+
+
+def rescale_of(row: pd.Series) -> tuple[float, float] | None:
+    """(slope, intercept) a manifest row asks for, or None (the file's values are HU)."""
+    slope, intercept = (str(row.get(column) or "").strip() for column in RESCALE_COLUMNS)
+    if not slope and not intercept:
+        return None
+    return float(slope or 1.0), float(intercept or 0.0)
 
 
 def read_manifest(
@@ -124,6 +137,17 @@ def _check_cells(path: Path, manifest: pd.DataFrame) -> None:
         if not is_safe_name(scan_id):
             line = position + _FIRST_DATA_LINE
             raise InputError(path, f"line {line}: scan_id {scan_id!r} {SAFE_NAME_RULE}")
+    for column in RESCALE_COLUMNS:
+        if column not in manifest.columns:
+            continue
+        for position, value in enumerate(manifest[column]):
+            try:
+                number = float(value) if value else 0.0
+            except ValueError:
+                number = float("nan")
+            if not np.isfinite(number) or (column == "rescale_slope" and value and number == 0):
+                line = position + _FIRST_DATA_LINE
+                raise InputError(path, f"line {line}: {column} {value!r} is not a usable number")
 
 
 def _check_unique_scans(path: Path, manifest: pd.DataFrame) -> None:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from voxelfm.conventions import DEFAULT_SPACING_MM, HU_MAX, HU_MIN
 from voxelfm.errors import InputError, VoxelFMError
 from voxelfm.ingest.fingerprint import input_fingerprint
-from voxelfm.ingest.manifest import SERIES_UID_COLUMN, label_paths, read_manifest
+from voxelfm.ingest.manifest import SERIES_UID_COLUMN, label_paths, read_manifest, rescale_of
 from voxelfm.ingest.qc import scan_qc
 from voxelfm.store.layout import list_complete_scans
 from voxelfm.store.writer import (
@@ -163,12 +163,14 @@ def _ingest_scan(
     series_uid = row.get(SERIES_UID_COLUMN) or None
     started = time.perf_counter()
     try:
+        rescale = rescale_of(row)
         fingerprint = input_fingerprint(
             image,
             labels,
             spacing=settings["spacing"],
             hu_range=settings["hu_range"],
             series_uid=series_uid,
+            rescale=rescale,
         )
         stored_qc = _stored_qc_if_current(store, scan_id, patient_id, fingerprint)
         if stored_qc is not None:
@@ -179,6 +181,7 @@ def _ingest_scan(
             spacing=settings["spacing"],
             hu_range=settings["hu_range"],
             series_uid=series_uid,
+            rescale=rescale,
         )
         qc = {"scan_id": scan_id, "patient_id": patient_id, **scan_qc(volume)}
         qc["elapsed_s"] = round(time.perf_counter() - started, 3)

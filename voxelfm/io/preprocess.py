@@ -33,6 +33,7 @@ def preprocess_scan(
     spacing: tuple[float, float, float] | None = DEFAULT_SPACING_MM,
     hu_range: tuple[int, int] = (HU_MIN, HU_MAX),
     series_uid: str | None = None,
+    rescale: tuple[float, float] | None = None,
 ) -> CanonicalVolume:
     """Read a CT scan and its label maps and put them on the canonical grid.
 
@@ -41,12 +42,19 @@ def preprocess_scan(
         as the image; any grid, resampled by nearest neighbour onto the image's grid.
     spacing: target mm along (X, Y, Z); None keeps the native spacing (reorient only).
     hu_range: HU are rounded, then clipped to this range (padding such as -3024 becomes air).
+    rescale: (slope, intercept) turning the file's values into HU, for files that hold raw
+        stored values with the rescale kept elsewhere (the manifest's rescale columns);
+        None: the reader's values (after the file's own rescale tags) are HU.
 
     Returns a CanonicalVolume with int16 image (X, Y, Z) and uint8 labels (uint16 when a
     label value exceeds 255). Raises InputError for unusable files.
     """
     hu_low, hu_high = _check_hu_range(hu_range)
     image, source_meta = read_image(image_path, series_uid=series_uid)
+    if rescale is not None:
+        slope, intercept = (float(v) for v in rescale)
+        image = sitk.Cast(image, sitk.sitkFloat32) * slope + intercept
+        source_meta = {**source_meta, "manifest_rescale": [slope, intercept]}
     warnings = list(source_meta["warnings"])
     if float(sitk.GetArrayViewFromImage(image).min()) > _AIR_CHECK_HU:
         warnings.append(
