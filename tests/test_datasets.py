@@ -552,3 +552,49 @@ def test_shared_ct_gtv_volume_independent(shared_ct):
     voxels = int((sitk.GetArrayViewFromImage(mask) > 0).sum())
     expected = voxels * float(np.prod(mask.GetSpacing())) / 1000
     assert labels.loc["STS_001", "gtv_volume_ml"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.realdata
+def test_shared_ct_reidentification_copies(real_data, tmp_path):
+    """Copies are the same anatomy at the same world position (crop + noise), same split."""
+    import nibabel as nib
+
+    root = tmp_path / "root"
+    (root / "openkbp").mkdir(parents=True)
+    patients = pd.read_csv(real_data / "openkbp" / "patients.csv", dtype={"patient_id": str})
+    subset = patients.head(3)
+    subset.to_csv(root / "openkbp" / "patients.csv", index=False)
+    for patient_id in subset["patient_id"]:
+        (root / "openkbp" / patient_id).symlink_to(real_data / "openkbp" / patient_id)
+    result = adapt_dataset("shared_ct", root, tmp_path / "out", reidentification_copies=1)
+    labels = pd.read_csv(result.out_dir / "labels.csv", dtype={"scan_id": str})
+    manifest = pd.read_csv(result.out_dir / "manifest.csv", dtype=str).fillna("")
+    assert len(labels) == 6 and "reidentification" in result.tasks
+    copies = labels[labels["cohort"] == "openkbp_copy"]
+    for copy in copies.itertuples(index=False):
+        original_id = copy.scan_id.removesuffix("_copy1")
+        original = labels.set_index("scan_id").loc[original_id]
+        assert copy.patient_id == original.patient_id and copy.split == original.split
+        assert pd.isna(copy.ptv63_present)  # no label values: no task sees a patient twice
+        row = manifest.set_index("scan_id").loc[copy.scan_id]
+        assert row["label_oars"] == ""
+        derived, source = (
+            nib.load(row["image"]),
+            nib.load(manifest.set_index("scan_id").loc[original_id, "image"]),
+        )
+        assert all(d < s for d, s in zip(derived.shape, source.shape))
+        # Sample the source at the copy's voxel centres through the two affines.
+        index = np.stack(np.meshgrid(*(np.arange(0, n, 7) for n in derived.shape), indexing="ij"))
+        world = (
+            np.tensordot(derived.affine[:3, :3], index, 1) + derived.affine[:3, 3, None, None, None]
+        )
+        source_index = np.rint(
+            np.tensordot(
+                np.linalg.inv(source.affine[:3, :3]),
+                world - source.affine[:3, 3, None, None, None],
+                1,
+            )
+        ).astype(int)
+        copy_values = np.asarray(derived.dataobj)[tuple(index)]
+        source_values = np.asarray(source.dataobj)[tuple(source_index)]
+        assert np.abs(copy_values - source_values.astype(float)).mean() < 50  # noise only

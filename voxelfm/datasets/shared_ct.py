@@ -27,6 +27,14 @@ series without labels) and labels.csv with, per scan:
   of patients.csv (the one available when only one is; empty without a dose);
 - ``gtv_volume_ml``: IBSI tumour volume in ml from gtv.nii.gz.
 
+Re-identification copies (option ``reidentification_copies``, default 0): for every OpenKBP
+and IBSI scan, that many derived scans of the same patient are written to
+``out_dir/derived/<scan_id>_copy<k>.nii.gz``: a random sub-volume (each axis keeps 70-90%
+of its extent at a random offset) with Gaussian noise (sigma 10-40 HU), seeded by (seed,
+scan id, k). They carry no label values (so no other task sees them twice) and inherit their
+patient's split; the instance-retrieval task asks whether a backbone finds the original
+among all scans from a copy, and vice versa.
+
 Split (every scan is its own patient here): OpenKBP ``validation`` patients are ``val``;
 OpenKBP ``train`` patients are split by a seeded draw into ``train`` and ``test`` in the
 ratio split_fractions[0] : split_fractions[2]; the other cohorts together get a seeded
@@ -36,6 +44,7 @@ patient-level split by split_fractions.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,6 +68,8 @@ from voxelfm.datasets.common import (
     two_way_split,
     write_dataset,
 )
+from voxelfm.errors import VoxelFMError
+from voxelfm.utils.atomic import atomic_path
 
 NAME = "shared_ct"
 VERSION = 1
@@ -90,8 +101,12 @@ def adapt(
     *,
     seed: int = 0,
     split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    reidentification_copies: int = 0,
 ) -> AdaptedDataset:
     """Write the shared-CT manifest, labels, label_names.json and dataset.json (docstring)."""
+    copies = int(reidentification_copies)
+    if copies < 0:
+        raise VoxelFMError(f"reidentification_copies must be >= 0, got {copies}")
     root = Path(root)
     fractions = check_fractions(split_fractions)
     openkbp = _openkbp(root)
@@ -119,13 +134,17 @@ def adapt(
             stratify=table.loc[~is_openkbp, "cohort"],
         )
     table["split"] = split
+    if copies:
+        table = pd.concat([table, _reidentification_copies(table, out_dir, copies, seed)])
+        table = table.reset_index(drop=True)
 
     label_columns = [c for c in table.columns if c.startswith("label_")]
     manifest = table[["scan_id", "patient_id", "image", *label_columns]].fillna("")
     xyz = {organ: centroid_columns(column) for organ, column in ORGAN_COLUMNS.items()}
     values = ["ptv63_present", "ptv70_volume_ml", "parotid_mean_dose_gy", "gtv_volume_ml"]
-    labels = table[
-        [
+    # reindex: a value column whose cohort folder is absent (e.g. no ibsi_sts) stays empty.
+    labels = table.reindex(
+        columns=[
             "scan_id",
             "patient_id",
             "split",
@@ -133,7 +152,7 @@ def adapt(
             *[c for organ in OPENKBP_ORGANS for c in xyz[organ]],
             *values,
         ]
-    ].copy()
+    )
     labels["ptv63_present"] = labels["ptv63_present"].astype("Int64")
 
     columns = {
@@ -148,6 +167,8 @@ def adapt(
         "parotid_mean_dose_gy": "mean of the right and left parotid mean doses, Gy (OpenKBP)",
         "gtv_volume_ml": "gross tumour volume in ml from gtv.nii.gz (IBSI)",
     }
+    if copies:
+        columns["cohort"] += " (+ _copy: a derived re-identification scan)"
     oar_classes = {k + 1: ORGAN_COLUMNS[o] for k, o in enumerate(OPENKBP_ORGANS)}
     tasks: dict[str, dict] = {
         **{
@@ -197,6 +218,12 @@ def adapt(
             "description": "segment the sarcoma (IBSI)",
         },
     }
+    if copies:
+        tasks["reidentification"] = {
+            "category": "retrieval",
+            "probes": ["gallery", "pool"],
+            "description": "find a patient's other scan (a cropped, noisier copy) among all",
+        }
     label_names = {
         "oars": {"0": "background", **{str(k): v for k, v in oar_classes.items()}},
         "ptv": {"0": "background", **{str(k + 1): p.lower() for k, p in enumerate(PTV_LEVELS)}},
@@ -220,6 +247,44 @@ def adapt(
         extra={"label_maps": label_names},
         extra_files={"label_names.json": json.dumps(label_names, indent=2) + "\n"},
     )
+
+
+def _reidentification_copies(
+    table: pd.DataFrame, out_dir: Path, copies: int, seed: int
+) -> pd.DataFrame:
+    """Derived scans (random crop + noise) of every OpenKBP and IBSI scan (module docstring)."""
+    folder = Path(out_dir) / "derived"
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = table[table["cohort"].isin(["openkbp", "ibsi"])]
+    records = []
+    for row in sources.itertuples(index=False):
+        image = nib.load(row.image)
+        hu = np.asarray(image.dataobj, dtype=np.float32)
+        for k in range(1, copies + 1):
+            key = zlib.crc32(f"{seed}/{row.scan_id}/{k}".encode())
+            rng = np.random.default_rng([seed, key])
+            keep = [max(1, round(n * rng.uniform(0.7, 0.9))) for n in hu.shape]
+            start = [int(rng.integers(0, n - m + 1)) for n, m in zip(hu.shape, keep)]
+            box = tuple(slice(a, a + m) for a, m in zip(start, keep))
+            noisy = hu[box] + rng.normal(0.0, rng.uniform(10.0, 40.0), size=keep)
+            # The crop's voxel (0, 0, 0) is the source's voxel `start`: shift the affine.
+            affine = image.affine.copy()
+            affine[:3, 3] = image.affine[:3, :3] @ np.asarray(start) + image.affine[:3, 3]
+            derived = nib.Nifti1Image(np.rint(noisy).astype(np.int16), affine)
+            scan_id = f"{row.scan_id}_copy{k}"
+            path = folder / f"{scan_id}.nii.gz"
+            with atomic_path(path, suffix=".nii.gz") as tmp:
+                nib.save(derived, tmp)
+            records.append(
+                {
+                    "scan_id": scan_id,
+                    "patient_id": row.patient_id,
+                    "image": absolute(path),
+                    "cohort": f"{row.cohort}_copy",
+                    "split": row.split,
+                }
+            )
+    return pd.DataFrame.from_records(records)
 
 
 def _openkbp(root: Path) -> list[dict]:
