@@ -1,5 +1,6 @@
 # Path helpers shared by every rule file. Nothing here imports torch or reads data.
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -30,11 +31,17 @@ def adapted_dir(dataset):
 def adapter_command(dataset):
     """`voxelfm adapt` arguments for a dataset configured with an adapter."""
     spec = config["datasets"][dataset]["adapter"]
+    root = os.path.expandvars(str(spec["root"]))
+    if "$" in root:
+        raise ValueError(
+            f"datasets.{dataset}.adapter.root {spec['root']!r} names an unset environment "
+            "variable; set it (e.g. VOXELFM_REAL_DATA=../shared/data) or edit the config"
+        )
     options = " ".join(
         f"--option {shlex.quote(f'{key}={value}')}"
         for key, value in sorted(spec["options"].items())
     )
-    return f"{spec['name']} --root {shlex.quote(str(spec['root']))} --seed {spec['seed']} {options}"
+    return f"{spec['name']} --root {shlex.quote(root)} --seed {spec['seed']} {options}"
 
 
 def manifest_source(wildcards):
