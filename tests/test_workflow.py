@@ -223,3 +223,45 @@ def test_task_change_reruns_only_its_probes(tmp_path):
     assert jobs_in_dry_run(changed.stdout) == {"all": 1, "probe": 2, "aggregate": 1}
     assert "repeat_scan" not in changed.stdout.split("rule aggregate")[0]
     shutil.rmtree(tmp_path / "results", ignore_errors=True)
+
+
+def test_study_config_dry_runs_on_slurm_with_gpu_rules(tmp_path):
+    """config/study.yaml: the paper's DAG against fake dataset roots, GPU rules on GPUs."""
+    result = run_snakemake(
+        "-n",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        "config/study.yaml",
+        "--config",
+        f"results_dir={tmp_path / 'study'}",
+        env={"DATA": str(tmp_path / "data")},
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = jobs_in_dry_run(result.stdout)
+    study = yaml.safe_load((REPO_ROOT / "config" / "study.yaml").read_text())
+    n_datasets, n_backbones = len(study["datasets"]), len(study["evaluation"]["backbones"])
+    dense = {"localisation", "segmentation", "report_generation"}
+    tasks = study["evaluation"]["tasks"]
+    n_dense = sum(task["category"] in dense for task in tasks.values())
+    assert jobs == {
+        "all": 1,
+        "adapt_dataset": n_datasets,
+        "validate_manifest": n_datasets,
+        "split_manifest": n_datasets,
+        "preprocess_shard": n_datasets * study["preprocess"]["shards"],
+        "summarize_dataset": n_datasets,
+        "pretrain": 1,
+        "export_teacher": 1,
+        "embed": n_datasets * n_backbones,
+        "probe": (len(tasks) - n_dense) * n_backbones,
+        "probe_dense": n_dense * n_backbones,
+        "aggregate": 1,
+    }
+    blocks = result.stdout.split("\n\n")
+    for rule, gpus in (("pretrain", 4), ("embed", 1), ("probe_dense", 1)):
+        rule_blocks = [b for b in blocks if f"rule {rule}:" in b]
+        assert rule_blocks and all(f"gpu={gpus}" in b for b in rule_blocks), rule
+    assert not any("gpu=1" in b for b in blocks if "rule probe:" in b)
+    assert "--root " + str(tmp_path / "data" / "CT-RATE") in result.stdout
