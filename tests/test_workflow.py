@@ -265,3 +265,20 @@ def test_study_config_dry_runs_on_slurm_with_gpu_rules(tmp_path):
         assert rule_blocks and all(f"gpu={gpus}" in b for b in rule_blocks), rule
     assert not any("gpu=1" in b for b in blocks if "rule probe:" in b)
     assert "--root " + str(tmp_path / "data" / "CT-RATE") in result.stdout
+
+
+def test_a_backbone_can_override_the_extraction_settings(tmp_path):
+    backbones = {
+        "handcrafted": {"kind": "handcrafted"},
+        "whole_only": {"kind": "handcrafted", "bins": 16, "extraction": {"mode": "whole"}},
+    }
+    config = write_config(
+        tmp_path, **{"pretrain.enabled": False, "evaluation.backbones": backbones}
+    )
+    result = run_snakemake("-n", "-p", "--configfile", str(config))
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if "voxelfm embed" in line]
+    by_backbone = {c.split("--backbone ")[1].split()[0]: c for c in commands}
+    assert "--mode auto" in by_backbone["handcrafted"]
+    assert "--mode whole" in by_backbone["whole_only"]
+    assert "extraction" not in by_backbone["whole_only"].split("--spec")[1].split("--out")[0]

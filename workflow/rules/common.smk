@@ -84,8 +84,10 @@ def task_pattern(tasks):
 
 
 def backbone_spec(backbone):
-    """The backbone's config spec with "pretrained" replaced by the exported teacher."""
+    """The backbone's config spec with "pretrained" replaced by the exported teacher (and
+    without its workflow-level `extraction` overrides)."""
     spec = dict(EVALUATION["backbones"][backbone])
+    spec.pop("extraction", None)
     for key in ("path", "like"):
         if spec.get(key) == "pretrained":
             if not config["pretrain"]["enabled"]:
@@ -140,9 +142,13 @@ def probe_result(task, backbone):
     return RESULTS / "evaluation" / task / backbone
 
 
-def extraction_options():
-    """`voxelfm embed` options from the evaluation.extraction config."""
-    options = EVALUATION["extraction"]
+def extraction_options(backbone):
+    """`voxelfm embed` options: evaluation.extraction, updated by the backbone's own
+    `extraction` mapping (e.g. a model that must see the whole volume at once)."""
+    options = {
+        **EVALUATION["extraction"],
+        **EVALUATION["backbones"][backbone].get("extraction", {}),
+    }
     flags = [
         f"--mode {options['mode']}",
         f"--overlap {options['overlap']}",

@@ -21,7 +21,7 @@ rule embed:
         runtime=60,
     params:
         spec=lambda wc: as_cli_json(backbone_spec(wc.backbone)),
-        options=extraction_options(),
+        options=lambda wc: extraction_options(wc.backbone),
     shell:
         "voxelfm embed --stores {input.stores} --backbone {wildcards.backbone}"
         " --spec {params.spec} --out {output} {params.options} --threads {threads}"
