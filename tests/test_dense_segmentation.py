@@ -271,3 +271,42 @@ def test_segmentation_needs_a_volume_store_and_a_label_map(tmp_path):
     no_map = TaskSpec.from_config("t", {"category": "segmentation", "options": {"epochs": 1}})
     with pytest.raises(VoxelFMError, match="needs options.label_map"):
         run_task(embeddings, labels, no_map, tmp_path / "r", context=DenseContext(volumes=object()))
+
+
+def test_scans_without_the_label_map_are_left_out_and_reported(tmp_path):
+    """A collection mixes cohorts: only the contoured scans take part, the rest are listed."""
+    rng = np.random.default_rng(3)
+    patch, spacing = 2, (2.0, 2.0, 2.0)
+    scans = _synthetic_scans(8, rng, patch_size=patch)
+    ids = [f"s{i}" for i in range(8)]
+    grids, images, label_maps, origins = [], {}, {}, {}
+    for k, (scan_id, scan) in enumerate(zip(ids, scans)):
+        origins[scan_id] = np.zeros(3)
+        grids.append((scan.tokens, grid_affine_for(spacing, origins[scan_id], patch)))
+        images[scan_id] = np.zeros(scan.labels.shape, np.int16)
+        # Scans 1 and 4 come from a cohort without this structure set.
+        label_maps[scan_id] = {} if k in (1, 4) else {"seg": scan.labels.astype(np.uint8)}
+    embeddings = FakeEmbeddings(grids, ids, ids, patch, spacing)
+    volumes = FakeVolumes(images, label_maps, spacing, origins)
+    volumes.shape = lambda scan_id: images[scan_id].shape
+    embeddings.patch_geometry = lambda scan_id: {
+        "grid_affine": grids[ids.index(scan_id)][1].tolist(),
+        "volume_shape": list(images[scan_id].shape),
+        "spacing": list(spacing),
+    }
+    split = ["train", "train", "train", "val", "val", "test", "test", "train"]
+    labels = pd.DataFrame({"scan_id": ids, "patient_id": ids, "split": split})
+    options = {"label_map": "seg", "epochs": 1, "width": 8, "n_figures": 0, "device": "cpu"}
+    task = TaskSpec.from_config("organs", {"category": "segmentation", "options": options})
+    out = run_task(
+        embeddings,
+        labels,
+        task,
+        tmp_path / "result",
+        bootstrap=BootstrapSettings(n_boot=30),
+        context=DenseContext(volumes=volumes),
+    )
+    info = json.loads((out / "task.json").read_text())
+    assert info["dropped_scans"] == {"s1": "no label map 'seg'", "s4": "no label map 'seg'"}
+    assert info["n_scans"] == {"train": 3, "val": 1, "test": 2}
+    assert set(pd.read_csv(out / "predictions.csv")["scan_id"]) == set(ids) - {"s1", "s4"}

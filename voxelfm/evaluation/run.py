@@ -108,8 +108,11 @@ def run_task(
         if task.category == "retrieval":
             metrics = _run_retrieval(task, data, features, bootstrap, tmp)
         elif task.category in DENSE_PROBES:
+            context = context or DenseContext()
+            if task.category == "segmentation":
+                data = _scans_with_label_map(task, data, context.volumes)
             runner = dense_runner(task.category)
-            metrics = runner(task, data, embeddings, bootstrap, tmp, context or DenseContext())
+            metrics = runner(task, data, embeddings, bootstrap, tmp, context)
         else:
             metrics = _run_probes(task, data, features, embeddings, bootstrap, tmp)
         metrics.insert(0, "task", task.name)
@@ -135,6 +138,29 @@ def dense_runner(category: str):
     except KeyError:
         raise VoxelFMError(f"no runner for task category {category!r}") from None
     return getattr(importlib.import_module(module_name), function_name)
+
+
+def _scans_with_label_map(task: TaskSpec, data: TaskData, volumes) -> TaskData:
+    """Leave out (and report) the scans whose volume has no ``options.label_map``: a
+    collection mixes cohorts, and only some are contoured for a given structure set."""
+    name = task.options.get("label_map")
+    if volumes is None or name is None:
+        return data  # the runner says what is missing
+    has_map = np.array(
+        [s in volumes and name in volumes.label_names(s) for s in data.rows["scan_id"]], bool
+    )
+    if has_map.all():
+        return data
+    dropped = dict(data.dropped)
+    for scan_id in data.rows.loc[~has_map, "scan_id"]:
+        dropped[scan_id] = f"no label map {name!r}"
+    rows = data.rows[has_map].reset_index(drop=True)
+    empty = [split for split in SPLITS if not (rows["split"] == split).any()]
+    if empty:
+        raise VoxelFMError(
+            f"task {task.name!r}: no scans with label map {name!r} in split(s) {empty}"
+        )
+    return TaskData(rows, data.embedding_rows[has_map], dropped)
 
 
 def _token_inputs(embeddings, data: TaskData, task: TaskSpec) -> np.ndarray | None:
