@@ -492,16 +492,38 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
         Pretrainer(tiny_cfg(), work, CPU, progress=False)
 
 
-def test_uniform_teacher_collapse_is_reported(capsys):
-    from types import SimpleNamespace
+def test_uniform_teacher_collapse_is_reported_once():
+    from voxelfm.train.monitor import TrainingHealth
 
-    from voxelfm.train.trainer import Pretrainer
+    health = TrainingHealth(128)  # log 128 = 4.85
+    assert health.check(30, {"teacher_entropy": 2.9, "loss_dino": 3.5}) == []
+    assert health.check(30, {"loss_total": 1.0}) == []
+    warnings = health.check(60, {"teacher_entropy": 4.84, "loss_dino": 4.85})
+    assert len(warnings) == 1 and "iteration 60" in warnings[0] and "teacher" in warnings[0]
+    assert health.check(70, {"teacher_entropy": 4.84, "loss_dino": 4.85}) == []
 
-    trainer = SimpleNamespace(
-        cfg={"dino": {"head_n_prototypes": 128}}, ctx=SimpleNamespace(is_main=True)
-    )
-    assert not Pretrainer._warn_if_uniform(trainer, 30, {"teacher_entropy": 2.9})
-    assert not Pretrainer._warn_if_uniform(trainer, 30, {"loss_total": 1.0})
-    assert capsys.readouterr().err == ""
-    assert Pretrainer._warn_if_uniform(trainer, 60, {"teacher_entropy": 4.84})  # log 128 = 4.85
-    assert "iteration 60" in capsys.readouterr().err
+
+def test_student_stuck_at_log_k_under_a_sharp_teacher_is_reported():
+    from voxelfm.train.monitor import STALL_POINTS, TrainingHealth
+
+    log_k = math.log(32)
+    health = TrainingHealth(32)
+    # A healthy loss crossing log K once on its way down is not a stall.
+    for iteration, loss in enumerate([3.64, log_k + 0.01, 3.1, 2.9], start=1):
+        assert health.check(iteration, {"teacher_entropy": 2.5, "loss_dino": loss}) == []
+    stalled = {"teacher_entropy": 2.5, "loss_dino": log_k + 0.002}
+    reports = [health.check(10 + i, stalled) for i in range(STALL_POINTS + 2)]
+    assert [len(r) for r in reports] == [0] * (STALL_POINTS - 1) + [1, 0, 0]
+    assert "predicts uniform targets" in reports[STALL_POINTS - 1][0]
+
+
+@pytest.mark.parametrize(
+    ("prototypes", "bottleneck", "n_warnings"), [(16, 64, 2), (64, 64, 0), (256, 32, 0)]
+)
+def test_fewer_prototypes_than_bottleneck_dimensions_is_flagged(prototypes, bottleneck, n_warnings):
+    from voxelfm.train.monitor import head_warnings
+
+    head = {"head_n_prototypes": prototypes, "head_bottleneck_dim": bottleneck}
+    messages = head_warnings(resolve_ssl_config({"dino": head, "ibot": head}))
+    assert len(messages) == n_warnings
+    assert all("head_n_prototypes" in m for m in messages)

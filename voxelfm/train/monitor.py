@@ -42,6 +42,81 @@ def embedding_collapse_stats(embeddings: Tensor) -> dict[str, float]:
     return stats
 
 
+# Within this fraction of log K a distribution is treated as uniform.
+UNIFORM_FRACTION = 0.98
+# Logged points in a row before a stalled student is reported (a healthy run's falling loss
+# can cross log K once on its way down).
+STALL_POINTS = 3
+STALL_TOLERANCE = 0.01  # |loss_dino - log K| / log K
+
+
+def head_warnings(cfg: Mapping) -> list[str]:
+    """Recipe problems visible before training: one message per head that has fewer
+    prototypes than bottleneck dimensions.
+
+    Such prototypes span only part of the normalised bottleneck, so the student can score 0
+    against every prototype at once, predict the uniform distribution and sit at a DINO loss
+    of exactly log K without learning anything (seen on the demo cohort with K = 16 or 32
+    and a 64-wide bottleneck).
+    """
+    messages = []
+    for name in ("dino", "ibot"):
+        head = cfg[name]
+        if head["head_n_prototypes"] < head["head_bottleneck_dim"]:
+            messages.append(
+                f"{name}.head_n_prototypes ({head['head_n_prototypes']}) is below "
+                f"{name}.head_bottleneck_dim ({head['head_bottleneck_dim']}): the student can "
+                "predict uniform targets and stop learning; use at least as many prototypes "
+                "as bottleneck dimensions"
+            )
+    return messages
+
+
+class TrainingHealth:
+    """Reports, once each, the two ways a self-distillation run stops learning.
+
+    * teacher collapse: the teacher's targets are nearly uniform (entropy near log K);
+    * stalled student: the teacher is sharp but the student predicts the uniform
+      distribution, so the DINO loss sits at log K (cross-entropy of any target against a
+      uniform prediction) for several logged points in a row.
+    Call :meth:`check` with every logged metrics row; it returns the new warnings.
+    """
+
+    def __init__(self, n_prototypes: int):
+        self.log_k = math.log(n_prototypes)
+        self.reported: set[str] = set()
+        self._stalled_points = 0
+
+    def check(self, iteration: int, metrics: Mapping[str, float]) -> list[str]:
+        found = []
+        entropy = metrics.get("teacher_entropy", float("nan"))
+        if entropy >= UNIFORM_FRACTION * self.log_k:
+            message = (
+                f"iteration {iteration}: teacher entropy {entropy:.2f} of at most "
+                f"{self.log_k:.2f} nats: the teacher's targets are nearly uniform, i.e. the "
+                "run is collapsing (try a lower lr or teacher temperature, a faster teacher "
+                "EMA or Sinkhorn-Knopp; see config/config.yaml)"
+            )
+            found.append(("teacher_collapse", message))
+        loss = metrics.get("loss_dino", float("nan"))
+        sharp_teacher = entropy < UNIFORM_FRACTION * self.log_k
+        if sharp_teacher and abs(loss - self.log_k) <= STALL_TOLERANCE * self.log_k:
+            self._stalled_points += 1
+        else:
+            self._stalled_points = 0
+        if self._stalled_points >= STALL_POINTS:
+            message = (
+                f"iteration {iteration}: DINO loss {loss:.3f} = log K ({self.log_k:.3f}) for "
+                f"{self._stalled_points} logged points while the teacher is sharp (entropy "
+                f"{entropy:.2f}): the student predicts uniform targets and is not learning "
+                "(try a lower teacher temperature, larger global crops or more prototypes)"
+            )
+            found.append(("student_stalled", message))
+        new = [message for kind, message in found if kind not in self.reported]
+        self.reported.update(kind for kind, _ in found)
+        return new
+
+
 class MetricsLog:
     """Append-only CSV of per-iteration metrics, mirrored to TensorBoard.
 

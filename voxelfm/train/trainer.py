@@ -35,7 +35,13 @@ from voxelfm.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from voxelfm.train.monitor import MetricsLog, embedding_collapse_stats, teacher_entropy
+from voxelfm.train.monitor import (
+    MetricsLog,
+    TrainingHealth,
+    embedding_collapse_stats,
+    head_warnings,
+    teacher_entropy,
+)
 from voxelfm.train.ssl_model import SelfDistillationModel
 
 CHECKPOINT_DIR = "checkpoints"
@@ -102,10 +108,6 @@ def accumulation_steps(cfg: Mapping[str, Any], world_size: int) -> int:
             f"processes ({per_step})"
         )
     return total // per_step
-
-
-# Teacher entropy above this fraction of log K means (near) uniform targets: collapse.
-UNIFORM_COLLAPSE_FRACTION = 0.98
 
 
 class _StopRequested:
@@ -287,22 +289,6 @@ class Pretrainer:
             metrics.update(embedding_collapse_stats(outputs.teacher_cls))
         return metrics
 
-    def _warn_if_uniform(self, iteration: int, metrics: Mapping[str, float]) -> bool:
-        """Say once, in the log, when the teacher has collapsed to uniform targets."""
-        entropy = metrics.get("teacher_entropy", float("nan"))
-        max_entropy = math.log(self.cfg["dino"]["head_n_prototypes"])
-        if not self.ctx.is_main or not entropy >= UNIFORM_COLLAPSE_FRACTION * max_entropy:
-            return False
-        print(
-            f"warning: iteration {iteration}: teacher entropy {entropy:.2f} of at most "
-            f"{max_entropy:.2f} nats: the teacher's targets are nearly uniform, i.e. the run "
-            "is collapsing (try a lower lr or teacher temperature, a faster teacher EMA, "
-            "fewer prototypes or Sinkhorn-Knopp; see config/config.yaml)",
-            file=sys.stderr,
-            flush=True,
-        )
-        return True
-
     def run(self, micro_batches: Iterator[Mapping[str, torch.Tensor]], stop_at: int | None = None) -> int:
         """Train from the resumed iteration to the end (or to ``stop_at``); returns the
         iteration reached. ``micro_batches`` must start at micro-batch
@@ -321,7 +307,10 @@ class Pretrainer:
         samples_per_step = self.cfg["train"]["total_batch_size"]
         iteration = self.start_iteration
         tick = time.perf_counter()
-        collapse_warned = False
+        health = TrainingHealth(self.cfg["dino"]["head_n_prototypes"])
+        if self.ctx.is_main:
+            for message in head_warnings(self.cfg):
+                print(f"warning: {message}", file=sys.stderr, flush=True)
         try:
             while iteration < end:
                 batches = [next(micro_batches) for _ in range(self.accum)]
@@ -333,7 +322,9 @@ class Pretrainer:
                     metrics["samples_per_s"] = samples_per_step * log_period / max(elapsed, 1e-9)
                     tick = time.perf_counter()
                     log.log(iteration, metrics)
-                    collapse_warned = collapse_warned or self._warn_if_uniform(iteration, metrics)
+                    if self.ctx.is_main:
+                        for message in health.check(iteration, metrics):
+                            print(f"warning: {message}", file=sys.stderr, flush=True)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss_total']:.3f}", lr=f"{metrics['lr']:.2e}")
