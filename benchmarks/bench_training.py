@@ -637,8 +637,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = args.device.startswith("cuda")
     if args.recipe is None:
         args.recipe = "paper" if cuda else "demo"
-    variants = args.variants.split(",") if args.variants else list(
-        GPU_VARIANTS if cuda else CPU_VARIANTS
+    variants = (
+        args.variants.split(",") if args.variants else list(GPU_VARIANTS if cuda else CPU_VARIANTS)
     )
     if args.compile and "bf16-sdpa-compile" not in variants:
         variants.append("bf16-sdpa-compile")

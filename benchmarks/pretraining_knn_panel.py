@@ -87,22 +87,28 @@ def trait_panel(
         values = patient_traits[trait]
         labels = (values.loc[scan_patients] > values.median()).to_numpy().astype(int)
         scores = {
-            name: out_of_fold_knn_scores(x, labels, scan_patients)
-            for name, x in features.items()
+            name: out_of_fold_knn_scores(x, labels, scan_patients) for name, x in features.items()
         }
         result = paired_bootstrap(
-            {"auroc": roc_auc_score}, labels, scores[first], scores[second], scan_patients,
-            n_boot=n_boot, seed=0,
+            {"auroc": roc_auc_score},
+            labels,
+            scores[first],
+            scores[second],
+            scan_patients,
+            n_boot=n_boot,
+            seed=0,
         )["auroc"]
-        rows.append({
-            "trait": trait,
-            first: result.estimate_a,
-            second: result.estimate_b,
-            "difference": result.difference,
-            "lower": result.lower,
-            "upper": result.upper,
-            "p_value": result.p_value,
-        })
+        rows.append(
+            {
+                "trait": trait,
+                first: result.estimate_a,
+                second: result.estimate_b,
+                "difference": result.difference,
+                "lower": result.lower,
+                "upper": result.upper,
+                "p_value": result.p_value,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -139,9 +145,12 @@ def _plot(panel: pd.DataFrame, names: tuple[str, str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(panel) + 1.2))
     y = np.arange(len(panel))[::-1]
     ax.errorbar(
-        panel["difference"], y,
+        panel["difference"],
+        y,
         xerr=[panel["difference"] - panel["lower"], panel["upper"] - panel["difference"]],
-        fmt="o", color="black", capsize=3,
+        fmt="o",
+        color="black",
+        capsize=3,
     )
     ax.axvline(0.0, color="grey", lw=1, ls="--")
     ax.set_yticks(y, panel["trait"])
@@ -155,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="working folder (reused)")
     parser.add_argument("--spacing", type=float, default=4.0, help="ingestion spacing, mm")
-    parser.add_argument("--overrides", type=json.loads, default={},
-                        help="JSON SSL overrides on top of the demo recipe")
+    parser.add_argument(
+        "--overrides",
+        type=json.loads,
+        default={},
+        help="JSON SSL overrides on top of the demo recipe",
+    )
     parser.add_argument("--teacher", type=Path, help="exported teacher backbone: skip training")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -178,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         recipe = merge_overrides(resolve_ssl_config(_demo_recipe()), args.overrides)
         tick = time.perf_counter()
         run = launch_pretraining(
-            stores=[str(store_path)], out_dir=args.work / "run", work_dir=args.work / "train",
-            overrides=recipe, threads=args.threads,
+            stores=[str(store_path)],
+            out_dir=args.work / "run",
+            work_dir=args.work / "train",
+            overrides=recipe,
+            threads=args.threads,
         )
         print(f"pretraining: {time.perf_counter() - tick:.0f} s", flush=True)
         teacher = export_teacher_backbone(run, args.work / "teacher")
@@ -200,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     traits = pd.read_csv(cohort / "patients.csv").set_index("patient_id")
 
     panel = trait_panel(
-        {name: np.asarray(rows) for name, rows in features.items()}, traits, scan_patients,
+        {name: np.asarray(rows) for name, rows in features.items()},
+        traits,
+        scan_patients,
         n_boot=args.n_boot,
     )
-    print(f"{len(store.scan_ids)} scans, {len(set(scan_patients))} patients; "
-          f"teacher {teacher}")
+    print(f"{len(store.scan_ids)} scans, {len(set(scan_patients))} patients; teacher {teacher}")
     print(panel.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     panel.to_csv(args.work / "knn_panel.csv", index=False)
     _plot(panel, tuple(extractors), args.work / "knn_panel.png")

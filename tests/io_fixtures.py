@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -182,6 +183,91 @@ def nonexistent_path(folder: Path) -> Path:
     return folder / "does_not_exist.nii.gz"
 
 
+def _patched_nifti(
+    path: Path,
+    spacing: tuple[float, float, float] = (0.8, 0.9, 2.0),
+    pixdim: tuple[float, float, float] | None = None,
+    forms: tuple[int, int] | None = None,
+    dims: tuple[int, int, int] | None = None,
+) -> Path:
+    """A small .nii whose raw header fields are then overwritten (nibabel itself would
+    refuse or repair them): pixdim[1:4], (qform_code, sform_code), dim[1:4]."""
+    image = nib.Nifti1Image(
+        np.full((12, 10, 8), 40, np.int16), np.diag([*spacing, 1.0]).astype(float)
+    )
+    image.header.set_qform(image.affine, code=1)
+    image.header.set_sform(image.affine, code=1)
+    nib.save(image, path)
+    header = bytearray(path.read_bytes())
+    if pixdim is not None:
+        struct.pack_into("<3f", header, 80, *pixdim)
+    if forms is not None:
+        struct.pack_into("<2h", header, 252, *forms)
+    if dims is not None:
+        struct.pack_into("<3h", header, 42, *dims)
+    path.write_bytes(bytes(header))
+    return path
+
+
+def make_zero_voxel_size_without_forms(folder: Path) -> Path:
+    return _patched_nifti(folder / "pixdim0.nii", pixdim=(0, 0, 0), forms=(0, 0))
+
+
+def make_zero_voxel_size(folder: Path) -> Path:
+    return _patched_nifti(folder / "pixdim0_sform.nii", pixdim=(0.8, 0, 2.0))
+
+
+def make_negative_voxel_size(folder: Path) -> Path:
+    return _patched_nifti(folder / "negative.nii", pixdim=(-0.8, 0.9, 2.0), forms=(1, 0))
+
+
+def make_micrometre_voxels(folder: Path) -> Path:
+    return _patched_nifti(folder / "tiny_voxels.nii", spacing=(1e-6, 1e-6, 1e-6))
+
+
+def make_metre_voxels(folder: Path) -> Path:
+    return _patched_nifti(folder / "huge_voxels.nii", spacing=(1000.0, 1000.0, 1000.0))
+
+
+def make_absurd_voxel_count(folder: Path) -> Path:
+    return _patched_nifti(folder / "huge_count.nii", dims=(30000, 30000, 30000))
+
+
+def make_absurd_spacing_metaimage(folder: Path) -> Path:
+    path = folder / "far.mha"
+    sitk.WriteImage(synthetic_ct(spacing=(0.8, 0.9, 1000.0)), str(path))
+    return path
+
+
+def _dicom_series_with_bad_slice(folder: Path, name: str, damage: Callable[[Path], None]) -> Path:
+    files = write_dicom_series(synthetic_ct(), folder / name)
+    damage(files[4])
+    return folder / name
+
+
+def make_dicom_slice_without_pixel_data(folder: Path) -> Path:
+    def drop_pixels(file: Path) -> None:
+        dataset = pydicom.dcmread(file)
+        del dataset.PixelData
+        dataset.save_as(file)
+
+    return _dicom_series_with_bad_slice(folder, "no_pixels", drop_pixels)
+
+
+def make_dicom_truncated_slice(folder: Path) -> Path:
+    def cut_pixels(file: Path) -> None:
+        file.write_bytes(file.read_bytes()[:-100])
+
+    return _dicom_series_with_bad_slice(folder, "truncated_slice", cut_pixels)
+
+
+def make_dicom_slice_cut_in_its_header(folder: Path) -> Path:
+    def cut_header(file: Path) -> None:
+        file.write_bytes(file.read_bytes()[:400])
+
+    return _dicom_series_with_bad_slice(folder, "cut_header", cut_header)
+
+
 BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "truncated_gzip": (make_truncated_gzip_nifti, "truncated"),
     "truncated_raw_nifti": (make_truncated_raw_nifti, "truncated"),
@@ -201,4 +287,20 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "single_dicom_file": (make_single_dicom_file, "single DICOM file"),
     "folder_without_dicom": (make_empty_folder, "no DICOM series"),
     "nonexistent": (nonexistent_path, "does not exist"),
+    "voxel_size_zero_no_forms": (make_zero_voxel_size_without_forms, "zero or negative"),
+    "voxel_size_zero": (make_zero_voxel_size, "zero or negative"),
+    "voxel_size_negative": (make_negative_voxel_size, "zero or negative"),
+    "voxel_size_1e-6_mm": (make_micrometre_voxels, "below the plausible minimum of 0.05 mm"),
+    "voxel_size_1000_mm": (make_metre_voxels, "above the plausible maximum of 20.0 mm"),
+    "voxel_count_absurd": (make_absurd_voxel_count, "above the limit of 1,000,000,000"),
+    "metaimage_1000_mm_slices": (make_absurd_spacing_metaimage, "above the plausible maximum"),
+    "dicom_slice_without_pixels": (
+        make_dicom_slice_without_pixel_data,
+        "slice file '0005.dcm' has no pixel data",
+    ),
+    "dicom_truncated_slice": (make_dicom_truncated_slice, "slice file '0005.dcm' is truncated"),
+    "dicom_slice_cut_in_header": (
+        make_dicom_slice_cut_in_its_header,
+        "slice file '0005.dcm' is truncated or damaged",
+    ),
 }

@@ -32,9 +32,22 @@ def bench():
 
 def test_quick_run_prints_throughput_table():
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--threads", "1",
-         "--variants", "fp32-eager,fp32-sdpa"],
-        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, check=False,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--variants",
+            "fp32-eager,fp32-sdpa",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -59,7 +72,10 @@ def test_flop_formula_matches_flop_counter(bench):
 def test_paper_recipe_shape_and_variants(bench):
     variant = bench.Variant.parse("bf16-sdpa-compile")
     assert (variant.precision, variant.attention, variant.compile, variant.tf32) == (
-        "bf16", "sdpa", True, False,
+        "bf16",
+        "sdpa",
+        True,
+        False,
     )
     with pytest.raises(ValueError):
         bench.Variant.parse("fp16-flash")

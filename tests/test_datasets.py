@@ -21,7 +21,7 @@ from voxelfm.evaluation.tasks import TaskSpec
 from voxelfm.ingest.manifest import read_manifest
 from voxelfm.io.dicom_write import write_dicom_series
 from voxelfm.io.geometry import ras_affine
-from voxelfm.probes.splits import check_patient_level_split
+from voxelfm.splits import check_patient_level_split
 
 
 def _nifti(path: Path, shape=(4, 4, 3), affine=None, data=None) -> None:

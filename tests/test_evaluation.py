@@ -19,7 +19,7 @@ from sklearn.metrics import (
 from voxelfm.errors import VoxelFMError
 from voxelfm.evaluation import BootstrapSettings, TaskSpec, aggregate, align_task, run_task
 from voxelfm.evaluation.run import METRICS_FILE, PREDICTIONS_FILE, RANKS_FILE, TASK_FILE
-from voxelfm.probes.splits import PatientLeakageError
+from voxelfm.splits import PatientLeakageError
 
 FAST_BOOTSTRAP = BootstrapSettings(n_boot=200, seed=0)
 
@@ -245,6 +245,12 @@ def test_aggregate_report(tmp_path):
     markdown = (out / "results.md").read_text()
     assert "| probe | metric | good | noise |" in markdown
     assert "## Paired differences against good" in markdown
+    # The HTML page the Snakemake report shows holds the same tables and the comparisons.
+    page = (out / "results.html").read_text()
+    assert "<th>probe</th><th>metric</th><th>good</th><th>noise</th>" in page
+    assert "<h2>Paired differences against good</h2>" in page
+    assert page.count("<table>") == sum(line.startswith("|---") for line in markdown.splitlines())
+    assert "*gallery* (every backbone): all other scans are the gallery" in markdown
 
 
 def test_paired_self_comparison_is_zero(tmp_path):
@@ -272,3 +278,74 @@ def test_label_table_from_a_cohort_folder(tmp_path):
     table.drop(columns="patient_id").to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(InputError, match="patient_id"):
         read_label_table(tmp_path / "bad.csv")
+
+
+def _metric_rows(values, metric="r2", category="regression", task="volume"):
+    return pd.DataFrame(
+        [
+            {
+                "task": task,
+                "category": category,
+                "probe": "ridge",
+                "metric": metric,
+                "backbone": backbone,
+                "estimate": value,
+                "ci_low": value - 0.05,
+                "ci_high": value + 0.05,
+                "note": "",
+            }
+            for backbone, value in values.items()
+        ]
+    )
+
+
+def test_notes_say_which_backbone_they_belong_to():
+    from voxelfm.evaluation.report import _notes
+
+    rows = _metric_rows({"a": 0.5, "b": 0.4, "c": 0.3})
+    rows["note"] = ["baseline error 46.8 mm", "baseline error 52.1 mm", "baseline error 46.8 mm"]
+    assert _notes(rows, ["a", "b", "c"]) == [
+        "\n*ridge* (a, c): baseline error 46.8 mm",
+        "\n*ridge* (b): baseline error 52.1 mm",
+    ]
+    rows["note"] = "same for all"
+    assert _notes(rows, ["a", "b", "c"]) == ["\n*ridge* (every backbone): same for all"]
+
+
+def test_overview_is_a_grid_with_off_scale_values_marked():
+    from voxelfm.evaluation.report import plot_overview
+
+    tasks = [f"task{k}" for k in range(7)]
+    metrics = pd.concat(
+        [
+            _metric_rows({"a": 0.6, "b": -200.0 if k == 1 else 0.3, "c": 0.4}, task=task)
+            for k, task in enumerate(tasks)
+        ]
+    )
+    figure = plot_overview(metrics, ["a", "b", "c"], tasks)
+    panels = [axes for axes in figure.axes if axes.get_visible()]
+    assert len(panels) == 7
+    width, height = figure.get_size_inches() * 120  # the report's dpi
+    assert width <= 1300 and height <= 1300  # three panels a row, not seven side by side
+    bottom, top = panels[1].get_ylim()
+    assert -1.2 < bottom < 0.3  # R^2 = -200 does not stretch the axis...
+    assert 0.6 < top < 1.2  # ...and the other backbones' values stay in view
+    assert any("-200" in text.get_text() for text in panels[1].texts)
+    assert not any(axes.texts for k, axes in enumerate(panels) if k != 1)
+
+
+def test_efficiency_axis_labels_are_plain_numbers():
+    from voxelfm.stats.plots import plot_data_efficiency
+
+    sweep = pd.DataFrame(
+        {
+            "n_train_patients": [9, 18, 36, 9, 18, 36],
+            "metric": "auroc",
+            "value": [0.6, 0.65, 0.7, 0.62, 0.66, 0.72],
+        }
+    )
+    figure = plot_data_efficiency(sweep, "auroc")
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["9", "18", "36"]
+    assert not any(t.get_text() for t in axes.xaxis.get_minorticklabels())

@@ -107,3 +107,42 @@ def test_localisation_figure_marks_points_in_world_mm(volume, tmp_path):
     assert sagittal.get_lines()[0].get_xdata()[0] == pytest.approx(true_xyz[1])
     figure.savefig(tmp_path / "loc.png")
     assert len(localisation_figure(volume, SPACING, ORIGIN, true_xyz, None).get_axes()) == 3
+
+
+def _lab_hue_degrees(hex_colour: str) -> float:
+    """CIELAB hue angle of an sRGB colour (D65)."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.asarray(to_rgb(hex_colour))
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = (
+        np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+        @ linear
+        / np.array([0.9505, 1.0, 1.089])
+    )
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    a, b = 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+    return float(np.degrees(np.arctan2(b, a)) % 360)
+
+
+def _smallest_hue_gap(colours) -> float:
+    hues = [_lab_hue_degrees(c) for c in colours]
+    gaps = [abs(h - g) for i, h in enumerate(hues) for g in hues[i + 1 :]]
+    return min(min(gap, 360 - gap) for gap in gaps)
+
+
+def test_label_palette_tells_eight_classes_apart_by_hue():
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    from voxelfm.evaluation.feature_maps import LABEL_PALETTE, _label_colours
+
+    # tab10's orange and brown (lung_right and kidney_right in the demo) fail this test
+    tab10 = colormaps["tab10"]
+    assert _smallest_hue_gap([to_hex(tab10(1)), to_hex(tab10(5))]) < 30
+    assert _smallest_hue_gap(LABEL_PALETTE[:8]) >= 30
+    # The demo's classes 1-6, 9, 10 take the first eight colours, in order.
+    colours = _label_colours(10, [1, 2, 3, 4, 5, 6, 9, 10])
+    used = [to_hex(colours(value)[:3]) for value in (1, 2, 3, 4, 5, 6, 9, 10)]
+    assert used == [c.lower() for c in LABEL_PALETTE[:8]]
+    assert colours(0)[3] == 0  # background stays transparent

@@ -211,3 +211,25 @@ def test_patch_tokens_land_on_our_axes():
     torch.testing.assert_close(t_index[0, 0], expected)  # t grows with Z (superior)
     torch.testing.assert_close(h_index[:, 0, 0], expected.flip(0))  # h grows toward left (-X)
     torch.testing.assert_close(w_index[0, :, 0], expected.flip(0))  # w: toward posterior (-Y)
+
+
+def test_quantiser_compares_against_normalised_rows_and_returns_raw_rows():
+    """vector-quantize-pytorch's CosineSimCodebook normalises the codebook before the argmax;
+    trained EMA rows are not unit-norm, so a long row must not win on length alone."""
+    from voxelfm.extract.foreign.ct_clip import _CosineCodebook
+
+    codebook = _CosineCodebook(codebook_size=2, dim=2)
+    # Row 0 points along the token but is short; row 1 is 45 degrees off but ten times longer.
+    codebook.embed.copy_(torch.tensor([[[0.5, 0.0], [7.0, 7.0]]]))
+    tokens = torch.tensor([[1.0, 0.1], [0.1, 1.0]])
+    quantised = codebook(tokens)
+    torch.testing.assert_close(quantised, torch.tensor([[0.5, 0.0], [7.0, 7.0]]))
+
+    # Random non-unit rows: the same codes as the cosine argmax, the raw rows returned.
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(1, 64, 8, generator=generator) * torch.rand(1, 64, 1, generator=generator)
+    codebook = _CosineCodebook(codebook_size=64, dim=8)
+    codebook.embed.copy_(rows)
+    tokens = torch.randn(500, 8, generator=generator)
+    nearest = (F.normalize(tokens, dim=-1) @ F.normalize(rows[0], dim=-1).T).argmax(-1)
+    torch.testing.assert_close(codebook(tokens, chunk=64), rows[0][nearest])

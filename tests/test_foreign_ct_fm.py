@@ -40,7 +40,7 @@ def test_full_model_embedding_size_through_extract_features():
     assert extractor.describe()["weights"] == RANDOM_WEIGHTS_LABEL
     hu = np.full((32, 32, 16), -1000.0, dtype=np.float32)
     hu[8:24, 8:24, 4:12] = 40.0
-    features = extract_features(hu, extractor, spacing=(1.5, 1.5, 1.5), mode="whole")
+    features = extract_features(hu, extractor, spacing=(1.0, 1.0, 3.0), mode="whole")
     assert features.cls.shape == (512,)
     assert features.patch.shape == (2, 2, 1, 512)
     assert np.isfinite(features.cls).all()
@@ -134,7 +134,7 @@ def test_patch_tokens_are_the_feature_map_on_our_axes():
 
 
 def test_foreground_crop_ignores_padding_and_air_border():
-    extractor = build_extractor(small_spec(random_weights=True), "cpu")
+    extractor = build_extractor(small_spec(random_weights=True, preprocessing="model_card"), "cpu")
     body = volume((32, 32, 16), seed=1)
     padded = torch.full((1, 1, 48, 48, 32), -1024.0)
     padded[..., 8:40, 8:40, 8:24] = body
@@ -143,3 +143,55 @@ def test_foreground_crop_ignores_padding_and_air_border():
     cls_padded, patch = extractor(padded)
     torch.testing.assert_close(cls_padded, cls_body, rtol=1e-5, atol=1e-5)
     assert patch.shape == (1, 3, 3, 2, 64)
+
+
+def test_default_is_the_pretraining_recipe_and_the_card_is_an_option():
+    """CT-FM pre-trained at SPACING [3, 1, 1] (SPL) = (1, 1, 3) mm on our (X, Y, Z)."""
+    pretraining = build_extractor(small_spec(random_weights=True), "cpu")
+    assert pretraining.spacing_mm == (1.0, 1.0, 3.0)
+    assert pretraining.describe()["preprocessing"]["variant"] == "pretraining"
+    card = build_extractor(small_spec(random_weights=True, preprocessing="model_card"), "cpu")
+    assert card.spacing_mm is None
+    with pytest.raises(VoxelFMError, match="preprocessing must be one of"):
+        build_extractor(small_spec(random_weights=True, preprocessing="other"), "cpu")
+
+
+def test_pretraining_crops_raw_hu_above_zero_before_scaling():
+    """CropForeground runs on the raw HU (> 0 HU), not on the scaled image (> -1024 HU)."""
+    tissue = torch.full((1, 1, 48, 48, 32), -500.0)  # fat/lung-like: above -1024, below 0
+    body = volume((16, 32, 16), seed=2).abs() + 10.0  # all above 0 HU
+    tissue[..., 16:32, 8:40, 8:24] = body
+    pretraining = build_extractor(small_spec(random_weights=True), "cpu")
+    x, maps = pretraining.prepare(tissue[0])
+    assert x.shape == (1, 16, 32, 16)  # (S, P, L) of the HU > 0 box only
+    torch.testing.assert_close(x, ct_fm.preprocess(body[0]))
+    corner = (16, 8, 8)  # our (x, y, z) of the body's first voxel -> model (S, P, L)
+    assert [m(corner[m.source]) for m in maps] == [0, 31, 15]
+    card = build_extractor(small_spec(random_weights=True, preprocessing="model_card"), "cpu")
+    assert card.prepare(tissue[0])[0].shape == (1, 32, 48, 48)  # everything is above -1024
+
+
+def test_pretraining_resamples_another_spacing_to_one_one_three():
+    spec = small_spec(random_weights=True, crop_foreground=False, spacing_mm=[2.0, 2.0, 6.0])
+    extractor = build_extractor(spec, "cpu")
+    hu = volume((16, 32, 16), seed=4)
+    x, _ = extractor.prepare(hu[0])
+    assert x.shape == (1, 32, 64, 32)  # S 16 * 6/3, P 32 * 2/1, L 16 * 2/1
+    spl = ct_fm.to_spl(hu[0])
+    expected = torch.nn.functional.interpolate(
+        spl[None], size=(32, 64, 32), mode="trilinear", align_corners=False
+    )[0]
+    torch.testing.assert_close(x, ct_fm.scale_intensity(expected))
+    _, patch = extractor(hu)
+    assert patch.shape == (1, 1, 2, 1, 64)
+
+
+def test_tokens_are_feature_cells_only_for_multiples_of_sixteen_in_x_and_y():
+    extractor = build_extractor(small_spec(random_weights=True, crop_foreground=False), "cpu")
+    for shape, exact in (((32, 48, 16), True), ((40, 48, 16), False)):
+        hu = volume(shape, seed=5)
+        _, patch = extractor(hu)
+        with torch.inference_mode():
+            features = extractor.model(ct_fm.preprocess(hu[0])[None])[-1][0]
+        cells = features.flip(2, 3).permute(3, 2, 1, 0)[: patch.shape[1], : patch.shape[2]]
+        assert torch.allclose(patch[0], cells, atol=1e-5) == exact

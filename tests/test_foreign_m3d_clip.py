@@ -236,3 +236,24 @@ def test_patch_tokens_land_on_our_axes():
     assert float(w_index[0, 0, 0]) == pytest.approx(grid[2] - 1) and math.isclose(
         float(w_index[-1, 0, 0]), 0.0, abs_tol=1e-6
     )
+
+
+def test_crop_and_resize_match_the_releases_monai_transforms():
+    """M3D-Cap (m3d_cap_data_prepare.py) and M3D-Seg both run MONAI CropForeground then
+    Resize(spatial_size, mode="bilinear"); on a 3D image MONAI resolves "bilinear" to
+    trilinear (align_corners False). Nothing here uses MONAI's default "area"."""
+    monai_transforms = pytest.importorskip("monai.transforms")
+    from voxelfm.extract.foreign.m3d_clip import normalise_intensity
+
+    extractor = build_extractor(small_spec(random_weights=True, hu_window=[-1000, 1000]), "cpu")
+    hu = torch.from_numpy(body_volume())[None, None]
+    x, _ = extractor.prepare(hu)
+    display = hu[0, 0].permute(2, 1, 0).flip(1, 2)  # (D, H, W) = (Z, A->P, R->L)
+    image = normalise_intensity(display, (-1000, 1000))[None].numpy()
+    release = monai_transforms.Compose(
+        [
+            monai_transforms.CropForeground(),
+            monai_transforms.Resize(spatial_size=SMALL["img_size"], mode="bilinear"),
+        ]
+    )(image)
+    torch.testing.assert_close(x[0], torch.as_tensor(np.asarray(release)), rtol=0, atol=1e-6)

@@ -132,7 +132,39 @@ def test_preprocessing_axes_and_intensity():
     assert [m(v) for m, v in zip(maps, (2, 1, 3))] == [5, 6, 3]
     windowed = radfm.preprocess(hu, image_size=8, hu_window=(-1000.0, 3000.0))
     assert windowed[0, 5, 6, 3] == pytest.approx(0.5)
-    assert radfm.target_depth(10) == 12 and radfm.target_depth(300) == 64
-    assert radfm.target_depth(1) == 4
-    resized = radfm.preprocess(torch.zeros(1, 20, 30, 10), image_size=16, max_frames=64)
+    assert radfm.target_depth(300) == 64 and radfm.target_depth(1) == 4
+    resized = radfm.preprocess(torch.zeros(1, 20, 30, 11), image_size=16, max_frames=64)
     assert resized.shape == (3, 16, 16, 12)
+
+
+def release_target_depth(slices: int) -> int:
+    """The loop of the release's collate (src/train.py, src/test.py), written out as is."""
+    target, candidates = 4, range(4, 65, 4)
+    for depth in candidates:
+        if abs(depth - slices) < abs(target - slices):
+            target = depth
+    return target
+
+
+def test_depth_is_the_nearest_multiple_of_four_with_ties_going_down():
+    # 5 slices: 4 is nearer; 6 slices: 4 and 8 tie and the release keeps the smaller one.
+    assert radfm.target_depth(5) == 4
+    assert radfm.target_depth(6) == 4
+    assert radfm.target_depth(7) == 8
+    assert radfm.target_depth(10) == 8
+    assert [radfm.target_depth(n) for n in range(1, 90)] == [
+        release_target_depth(n) for n in range(1, 90)
+    ]
+
+
+def test_resize_is_torch_interpolate_default_nearest():
+    """The release resizes with F.interpolate(s, size=...) and no mode: nearest."""
+    hu = volume((20, 24, 10), seed=3)[0]
+    x = radfm.preprocess(hu, image_size=16, max_frames=64)
+    low, high = hu.min(), hu.max()
+    display = ((hu - low) / (high - low)).permute(0, 2, 1, 3).flip(1, 2)  # (rows, cols, slices)
+    expected = torch.nn.functional.interpolate(display[None], size=(16, 16, 8))[0]
+    assert x.shape == (3, 16, 16, 8)
+    torch.testing.assert_close(x[0], expected[0], rtol=0, atol=1e-6)
+    # Nearest keeps the input's values: nothing in between is invented.
+    assert torch.isin(x[0].flatten(), display.flatten()).all()

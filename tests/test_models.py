@@ -646,7 +646,7 @@ class NotATensor:
 def test_checkpoints_are_loaded_without_unpickling_code(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"teacher": {"backbone.cls_token": NotATensor()}}, path)
-    with pytest.raises(InputError, match="not a readable torch checkpoint"):
+    with pytest.raises(InputError, match="not a safe weights file"):
         load_published_checkpoint(path, preset="tiny")
 
 

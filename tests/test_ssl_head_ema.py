@@ -1,4 +1,4 @@
-"""DINO head (layout of published checkpoints, unit prototypes) and the teacher EMA."""
+"""DINO head (layout of published checkpoints, weight-norm gain) and the teacher EMA."""
 
 from __future__ import annotations
 
@@ -34,8 +34,20 @@ def test_single_layer_head_keeps_the_mlp_prefix():
     assert [k for k in head.state_dict() if k.startswith("mlp.")] == ["mlp.0.weight", "mlp.0.bias"]
 
 
-def test_prototypes_are_frozen_unit_vectors_so_logits_are_cosines():
+def test_prototypes_start_as_unit_vectors_with_a_trainable_gain_by_default():
     head = small_head()
+    gain = head.last_layer.parametrizations.weight.original0
+    assert gain.requires_grad  # as in the reference (head_weight_norm_gain_trainable)
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(16))
+    head(torch.randn(5, 8)).pow(2).sum().backward()
+    assert gain.grad is not None and gain.grad.abs().sum() > 0
+
+
+def test_frozen_gain_option_keeps_unit_prototypes_so_logits_are_cosines():
+    torch.manual_seed(0)
+    head = DINOHead(
+        in_dim=8, n_prototypes=16, hidden_dim=12, bottleneck_dim=4, trainable_gain=False
+    )
     gain = head.last_layer.parametrizations.weight.original0
     assert not gain.requires_grad
     torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(16))

@@ -65,6 +65,9 @@ def test_layerwise_decay_and_no_decay_parameters(student):
     assert settings["backbone.norm.weight"] == pytest.approx((1.0, 0.0, False))
     assert settings["dino_head.mlp.0.weight"] == pytest.approx((1.0, 1.0, False))
     assert settings["dino_head.last_layer.parametrizations.weight.original1"] == (1.0, 1.0, True)
+    # The trainable weight-norm gain is (K, 1): decayed and frozen with the last layer, as in
+    # the reference.
+    assert settings["dino_head.last_layer.parametrizations.weight.original0"] == (1.0, 1.0, True)
 
 
 def test_every_trainable_parameter_in_exactly_one_group(student):
@@ -72,8 +75,19 @@ def test_every_trainable_parameter_in_exactly_one_group(student):
     grouped = [id(p) for group in groups for p in group["params"]]
     trainable = [id(p) for p in student.parameters() if p.requires_grad]
     assert sorted(grouped) == sorted(trainable)
-    # The frozen weight-norm gain is left out.
-    assert len(trainable) == len(list(student.parameters())) - 1
+    assert len(trainable) == len(list(student.parameters()))
+
+
+def test_frozen_gain_option_leaves_the_gain_out():
+    student = nn.ModuleDict(
+        {
+            "backbone": TinyViT(),
+            "dino_head": DINOHead(4, 8, hidden_dim=6, bottleneck_dim=3, trainable_gain=False),
+        }
+    )
+    names = settings_by_name(build_param_groups(student, num_layers=2))
+    assert "dino_head.last_layer.parametrizations.weight.original0" not in names
+    assert "dino_head.last_layer.parametrizations.weight.original1" in names
 
 
 def test_schedule_values_reach_the_optimiser(student):

@@ -85,7 +85,7 @@ def test_dry_run_has_the_whole_dag(tmp_path):
         "summarize_dataset": 1,
         "pretrain": 1,
         "export_teacher": 1,
-        "embed": 3,
+        "embed": 6,  # three backbones x two shards: embedding is scattered per shard
         "probe": 12,
         "probe_dense": 9,
         "aggregate": 1,
@@ -227,6 +227,9 @@ def test_task_change_reruns_only_its_probes(tmp_path):
 
 def test_study_config_dry_runs_on_slurm_with_gpu_rules(tmp_path):
     """config/study.yaml: the paper's DAG against fake dataset roots, GPU rules on GPUs."""
+    study_datasets = yaml.safe_load((REPO_ROOT / "config" / "study.yaml").read_text())["datasets"]
+    for spec in study_datasets.values():  # the dry run checks that every dataset root exists
+        Path(spec["adapter"]["root"].replace("$DATA", str(tmp_path / "data"))).mkdir(parents=True)
     result = run_snakemake(
         "-n",
         "--profile",
@@ -254,7 +257,7 @@ def test_study_config_dry_runs_on_slurm_with_gpu_rules(tmp_path):
         "summarize_dataset": n_datasets,
         "pretrain": 1,
         "export_teacher": 1,
-        "embed": n_datasets * n_backbones,
+        "embed": n_datasets * n_backbones * study["preprocess"]["shards"],
         "probe": (len(tasks) - n_dense) * n_backbones,
         "probe_dense": n_dense * n_backbones,
         "aggregate": 1,

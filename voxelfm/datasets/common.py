@@ -27,7 +27,7 @@ from sklearn.model_selection import train_test_split
 from voxelfm.errors import InputError, VoxelFMError
 from voxelfm.evaluation.tasks import TaskSpec
 from voxelfm.ingest.manifest import read_manifest
-from voxelfm.probes.splits import check_patient_level_split, make_patient_split, patient_strata
+from voxelfm.splits import check_patient_level_split, make_patient_split, patient_strata
 from voxelfm.utils.atomic import atomic_path, atomic_write_text, write_csv_atomically
 from voxelfm.utils.jsonable import to_jsonable
 

@@ -52,9 +52,10 @@ from voxelfm.datasets.common import (
     write_dataset,
 )
 from voxelfm.errors import InputError
+from voxelfm.versions import ADAPTER_VERSIONS
 
 NAME = "ctrate"
-VERSION = 1
+VERSION = ADAPTER_VERSIONS["ctrate"]  # bump it in voxelfm/versions.py
 
 ABNORMALITIES = (
     "Medical material",

@@ -38,9 +38,10 @@ from voxelfm.datasets.common import (
     write_dataset,
 )
 from voxelfm.errors import InputError
+from voxelfm.versions import ADAPTER_VERSIONS
 
 NAME = "luna16"
-VERSION = 1
+VERSION = ADAPTER_VERSIONS["luna16"]  # bump it in voxelfm/versions.py
 
 DEFAULT_SUBSET_SPLITS = {"train": (0, 1, 2, 3, 4, 5, 6), "val": (7,), "test": (8, 9)}
 _ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")

@@ -42,9 +42,10 @@ from voxelfm.datasets.common import (
     write_dataset,
 )
 from voxelfm.errors import InputError
+from voxelfm.versions import ADAPTER_VERSIONS
 
 NAME = "nsclc_radiomics"
-VERSION = 1
+VERSION = ADAPTER_VERSIONS["nsclc_radiomics"]  # bump it in voxelfm/versions.py
 
 CLINICAL_CSV = "NSCLC-Radiomics-Lung1.clinical-version3-Oct-2019.csv"
 _COLUMNS = ("PatientID", "Survival.time", "deadstatus.event")

@@ -39,9 +39,10 @@ from voxelfm.datasets.common import (
     write_dataset,
 )
 from voxelfm.errors import InputError
+from voxelfm.versions import ADAPTER_VERSIONS
 
 NAME = "osic"
-VERSION = 1
+VERSION = ADAPTER_VERSIONS["osic"]  # bump it in voxelfm/versions.py
 
 _COLUMNS = ("Patient", "Weeks", "FVC", "Percent", "Age", "Sex", "SmokingStatus")
 _EXAMPLE = "train/ID00007637202177411956430/1.dcm"

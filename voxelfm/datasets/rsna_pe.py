@@ -42,9 +42,10 @@ from voxelfm.datasets.common import (
     write_dataset,
 )
 from voxelfm.errors import InputError
+from voxelfm.versions import ADAPTER_VERSIONS
 
 NAME = "rsna_pe"
-VERSION = 1
+VERSION = ADAPTER_VERSIONS["rsna_pe"]  # bump it in voxelfm/versions.py
 
 _ID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _EXAM_COLUMNS = ("negative_exam_for_pe", "indeterminate")

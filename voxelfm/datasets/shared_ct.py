@@ -70,9 +70,10 @@ from voxelfm.datasets.common import (
 )
 from voxelfm.errors import VoxelFMError
 from voxelfm.utils.atomic import atomic_path
+from voxelfm.versions import ADAPTER_VERSIONS
 
 NAME = "shared_ct"
-VERSION = 1
+VERSION = ADAPTER_VERSIONS["shared_ct"]  # bump it in voxelfm/versions.py
 
 OPENKBP_ORGANS = (
     "Brainstem",

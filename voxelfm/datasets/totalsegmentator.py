@@ -46,9 +46,10 @@ from voxelfm.datasets.common import (
 from voxelfm.errors import InputError
 from voxelfm.io.readers import sha256_of_files
 from voxelfm.utils.atomic import atomic_path, atomic_write_text
+from voxelfm.versions import ADAPTER_VERSIONS
 
 NAME = "totalsegmentator"
-VERSION = 1
+VERSION = ADAPTER_VERSIONS["totalsegmentator"]  # bump it in voxelfm/versions.py
 LABEL_MAP = "organs"
 DEFAULT_STRUCTURES = (
     "liver",

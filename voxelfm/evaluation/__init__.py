@@ -2,11 +2,21 @@
 
 ``run_task`` evaluates one task on one backbone's embedding store; ``aggregate`` puts every
 result side by side. Both are what the workflow's ``probe`` and ``aggregate`` rules call.
+
+The names below are imported on first use: the Snakefile reads ``evaluation.tasks`` at parse
+time (on every job of a cluster run), and the report's plotting stack is not needed there.
 """
 
-from voxelfm.evaluation.report import aggregate
-from voxelfm.evaluation.run import BootstrapSettings, run_task
-from voxelfm.evaluation.tasks import TaskSpec, align_task, read_label_table
+from importlib import import_module
+
+_EXPORTS = {
+    "aggregate": "voxelfm.evaluation.report",
+    "BootstrapSettings": "voxelfm.evaluation.run",
+    "run_task": "voxelfm.evaluation.run",
+    "TaskSpec": "voxelfm.evaluation.tasks",
+    "align_task": "voxelfm.evaluation.tasks",
+    "read_label_table": "voxelfm.evaluation.tasks",
+}
 
 __all__ = [
     "BootstrapSettings",
@@ -16,3 +26,9 @@ __all__ = [
     "read_label_table",
     "run_task",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'voxelfm.evaluation' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

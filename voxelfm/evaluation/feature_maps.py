@@ -183,11 +183,41 @@ def pca_feature_map_figure(
     return figure
 
 
-def _label_colours(n_classes: int) -> ListedColormap:
-    from matplotlib import colormaps
+# Label colours, in the order classes receive them. Over CT the overlay's lightness follows
+# the tissue underneath, so only hue tells classes apart: the first eight differ in CIELAB hue
+# by at least 35 degrees (tab10's orange and brown, 22 degrees apart, read as one colour over
+# a lung) and neighbours in the list lie far apart. Further classes get a second tier.
+LABEL_PALETTE = (
+    "#e6194b",  # red
+    "#00ffff",  # cyan
+    "#ffff00",  # yellow
+    "#0080ff",  # blue
+    "#3cb44b",  # green
+    "#911eb4",  # purple
+    "#ff7f00",  # orange
+    "#00bfff",  # sky blue
+    "#f032e6",  # magenta
+    "#bfef45",  # lime
+    "#469990",  # teal
+    "#fabed4",  # pink
+    "#9a6324",  # brown
+    "#dcbeff",  # lavender
+    "#800000",  # maroon
+    "#aaffc3",  # mint
+)
+_LABEL_ALPHA = 0.6
 
-    base = colormaps["tab10" if n_classes <= 10 else "tab20"]
-    colours = [(0, 0, 0, 0)] + [(*base(i % base.N)[:3], 0.55) for i in range(n_classes)]
+
+def _label_colours(n_classes: int, classes: Sequence[int] | None = None) -> ListedColormap:
+    """Colour map over values 0..n_classes: 0 transparent, the i-th of ``classes`` (default
+    1..n_classes) gets LABEL_PALETTE[i], so named classes take the most distinct colours."""
+    from matplotlib.colors import to_rgb
+
+    order = list(classes) if classes is not None else list(range(1, n_classes + 1))
+    order += [v for v in range(1, n_classes + 1) if v not in order]
+    colours = [(0.0, 0.0, 0.0, 0.0)] * (n_classes + 1)
+    for rank, value in enumerate(order):
+        colours[value] = (*to_rgb(LABEL_PALETTE[rank % len(LABEL_PALETTE)]), _LABEL_ALPHA)
     return ListedColormap(colours)
 
 
@@ -223,7 +253,7 @@ def segmentation_overlay_figure(
         else {i + 1: str(name) for i, name in enumerate(class_names)}
     )
     n_classes = max([*names, int(truth.max(initial=0)), int(prediction.max(initial=0))])
-    colours = _label_colours(n_classes)
+    colours = _label_colours(n_classes, sorted(v for v in names if v > 0))
     spacing_mm, origin_mm = _as_triple(spacing, 1.0), _as_triple(origin, 0.0)
     foreground = np.argwhere(truth > 0)
     centre = (

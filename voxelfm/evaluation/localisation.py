@@ -15,7 +15,7 @@ Writes, besides the metric rows (``mean_error_mm``, ``median_error_mm``,
 ``hit_rate@<r>mm`` with patient-level bootstrap intervals on test):
 
 * ``predictions.csv``: every scan with its split, the true position, the predicted one
-  (``score:soft_argmax:0..2`` = x, y, z mm, readable with ``run.score_matrix``), the error
+  (``score:soft_argmax:0..2`` = x, y, z mm, readable with ``results.score_matrix``), the error
   (``error_mm:soft_argmax``) and whether it is a hit (``hit:soft_argmax``);
 * ``selection.csv``: validation error of every (lr, weight decay) tried;
 * ``figures/``: PCA maps of the patch tokens and the true / predicted points on the first
@@ -32,14 +32,17 @@ import numpy as np
 import pandas as pd
 
 from voxelfm.errors import VoxelFMError
+from voxelfm.evaluation.options import convert_options, float_tuple
+from voxelfm.evaluation.results import PREDICTIONS_FILE, metric_rows, skipped_row
+from voxelfm.stats.bootstrap import bootstrap_metrics
 from voxelfm.utils.jsonable import to_jsonable
 
 PROBE = "soft_argmax"
 DEFAULT_HIT_RADIUS_MM = 20.0
 _OPTIONS = {
     "hit_radius_mm": float,
-    "lrs": lambda v: tuple(float(x) for x in v),
-    "weight_decays": lambda v: tuple(float(x) for x in v),
+    "lrs": float_tuple,
+    "weight_decays": float_tuple,
     "hidden_dim": int,
     "learn_offset": bool,
     "max_epochs": int,
@@ -51,16 +54,7 @@ _OPTIONS = {
 
 def localisation_options(task) -> dict[str, Any]:
     """The task's options, converted and checked (unknown keys are an error)."""
-    unknown = sorted(set(task.options) - set(_OPTIONS))
-    if unknown:
-        raise VoxelFMError(
-            f"task {task.name!r}: unknown localisation option(s) {unknown}; known: "
-            f"{sorted(_OPTIONS)}"
-        )
-    try:
-        options = {key: _OPTIONS[key](value) for key, value in task.options.items()}
-    except (TypeError, ValueError) as error:
-        raise VoxelFMError(f"task {task.name!r}: bad localisation option: {error}") from None
+    options = convert_options(task, _OPTIONS, "localisation")
     options.setdefault("hit_radius_mm", DEFAULT_HIT_RADIUS_MM)
     if options["hit_radius_mm"] <= 0:
         raise VoxelFMError(f"task {task.name!r}: hit_radius_mm must be positive")
@@ -70,16 +64,15 @@ def localisation_options(task) -> dict[str, Any]:
 def run_localisation(task, data, embeddings, bootstrap, out: Path, context) -> pd.DataFrame:
     """Fit the soft-argmax probe on train (chosen on val), evaluate once on test.
 
-    Returns the metric rows (``run.metric_rows``); writes predictions.csv, selection.csv and
+    Returns the metric rows (``results.metric_rows``); writes predictions.csv, selection.csv and
     figures into ``out`` (see the module docstring).
     """
-    from voxelfm.evaluation.run import PREDICTIONS_FILE, metric_rows, skipped_row
+    # The probe module imports torch: only when a localisation task runs.
     from voxelfm.probes.localisation import (
         TokenGrids,
         euclidean_errors_mm,
         fit_select_soft_argmax,
     )
-    from voxelfm.stats.bootstrap import bootstrap_metrics
 
     options = localisation_options(task)
     radius = options.pop("hit_radius_mm")
@@ -166,7 +159,7 @@ def run_localisation(task, data, embeddings, bootstrap, out: Path, context) -> p
 def _points_outside_grids(grids, y: np.ndarray) -> np.ndarray:
     """(n,) True where a label point lies beyond the scan's token grid (half a token out):
     a frame mix-up (LPS vs RAS, voxel vs world) shows up here first."""
-    from voxelfm.probes.localisation import world_to_token_index
+    from voxelfm.probes.localisation import world_to_token_index  # imports torch
 
     outside = []
     for (tokens, affine), point in zip(grids, y):
@@ -179,6 +172,7 @@ def _points_outside_grids(grids, y: np.ndarray) -> np.ndarray:
 
 def _write_figures(folder: Path, volumes, embeddings, rows, truth, predicted) -> None:
     """PCA maps and true / predicted points of the given scans, as PNGs in ``folder``."""
+    # matplotlib: only when figures are drawn.
     from voxelfm.evaluation.feature_maps import localisation_figure, pca_feature_map_figure
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
 
 * ``results.csv``: every metric of every probe, backbone and task with its 95% interval;
 * ``results.md``: the same as Markdown tables (backbones as columns), followed by the paired
-  comparisons;
+  comparisons; ``results.html`` the same page as HTML (shown in ``snakemake --report``);
 * ``paired.csv``: paired bootstrap differences of each backbone against the reference
   backbone (the first listed), on the same test patients, with two-sided p-values;
 * ``overview.png``, ``roc_<task>.png``, ``km_<task>.png``, ``retrieval_<task>.png``,
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from voxelfm.evaluation.run import (
+from voxelfm.evaluation.results import (
     EFFICIENCY_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
@@ -41,6 +41,7 @@ from voxelfm.utils.atomic import atomic_directory
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
+RESULTS_HTML = "results.html"  # the same tables, for the Snakemake report
 PAIRED_CSV = "paired.csv"
 
 # The metric shown in the overview figure and the efficiency curves, per category.
@@ -92,7 +93,9 @@ def aggregate(
     with atomic_directory(out_dir) as tmp:
         metrics.to_csv(tmp / RESULTS_CSV, index=False)
         paired.to_csv(tmp / PAIRED_CSV, index=False)
-        (tmp / RESULTS_MD).write_text(results_markdown(metrics, paired, backbones, tasks, results))
+        markdown = results_markdown(metrics, paired, backbones, tasks, results)
+        (tmp / RESULTS_MD).write_text(markdown)
+        (tmp / RESULTS_HTML).write_text(markdown_to_html(markdown, title="Results"))
         _save(plot_overview(metrics, backbones, tasks), tmp / "overview.png")
         for task in tasks:
             category = categories[task]
@@ -163,9 +166,7 @@ def results_markdown(
             cells = [by_backbone.get(b, "-") for b in backbones]
             metric_name = metric if isinstance(metric, str) else ""
             lines.append(f"| {probe} | {metric_name} | " + " | ".join(cells) + " |")
-        notes = rows.loc[rows["note"].fillna("").astype(str).str.len() > 0, ["probe", "note"]]
-        for probe, note in notes.drop_duplicates().itertuples(index=False):
-            lines.append(f"\n*{probe}*: {note}")
+        lines += _notes(rows, backbones)
         lines.append("")
     if len(paired):
         lines += [
@@ -185,6 +186,18 @@ def results_markdown(
                 f"{r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.p_value:.3g} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _notes(rows: pd.DataFrame, backbones: Sequence[str]) -> list[str]:
+    """A task's probe notes, each saying which backbone(s) it belongs to."""
+    noted = rows[rows["note"].fillna("").astype(str).str.len() > 0]
+    present = [b for b in backbones if b in set(rows["backbone"])]
+    lines = []
+    for (probe, note), group in noted.groupby(["probe", "note"], sort=False):
+        owners = [b for b in present if b in set(group["backbone"])]
+        who = "every backbone" if owners == present and len(present) > 1 else ", ".join(owners)
+        lines.append(f"\n*{probe}* ({who}): {note}")
+    return lines
 
 
 def _task_counts(results: Mapping[tuple[str, str], Path], task: str, backbones) -> str:
@@ -315,11 +328,54 @@ def _efficiency_table(per_backbone: Mapping[str, Path]) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+# The range a metric can sensibly take on the overview's axis. Values outside (an R^2 of -200
+# from a probe that failed on one backbone) are drawn at the edge as a marked arrow with the
+# value written beside it, so one failure does not flatten every other panel's differences.
+METRIC_AXIS_RANGE = {
+    "auroc": (0.0, 1.0),
+    "auprc": (0.0, 1.0),
+    "balanced_accuracy": (0.0, 1.0),
+    "c_index": (0.0, 1.0),
+    "recall@1": (0.0, 1.0),
+    "dice_macro": (0.0, 1.0),
+    "finding_f1": (0.0, 1.0),
+    "r2": (-1.0, 1.0),
+    "pearson_r": (-1.0, 1.0),
+}
+OVERVIEW_COLUMNS = 3  # panels per row: readable at page width
+
+
+def overview_limits(
+    metric: str, estimate: np.ndarray, low: np.ndarray, high: np.ndarray
+) -> tuple[float, float]:
+    """Axis limits of one overview panel: the estimates and intervals, padded, but never past
+    the metric's sensible range (errors: not past 3x the median estimate)."""
+    values = np.concatenate([estimate, low, high])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return (0.0, 1.0)
+    floor, ceiling = METRIC_AXIS_RANGE.get(metric, (None, None))
+    if floor is None:  # an unbounded error in mm or units: robust to one huge value
+        finite = estimate[np.isfinite(estimate)]
+        typical = float(np.median(np.abs(finite))) if len(finite) else float(np.max(values))
+        floor, ceiling = min(0.0, float(values.min())), 3.0 * typical if typical > 0 else None
+    lo = max(float(values.min()), floor)
+    hi = float(values.max()) if ceiling is None else min(float(values.max()), ceiling)
+    pad = 0.08 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1.0)
+    return lo - pad, hi + pad
+
+
 def plot_overview(metrics: pd.DataFrame, backbones: Sequence[str], tasks: Sequence[str]) -> Figure:
-    """Primary metric of each task's first probe, per backbone, with 95% intervals."""
-    figure = Figure(figsize=(3.2 * max(1, len(tasks)), 3.6), layout="constrained")
-    axes_row = figure.subplots(1, max(1, len(tasks)), squeeze=False)[0]
-    for axes, task in zip(axes_row, tasks):
+    """Primary metric of each task's first probe, per backbone, with 95% intervals; a grid of
+    OVERVIEW_COLUMNS panels per row, off-scale values marked at the axis edge."""
+    n = max(1, len(tasks))
+    columns = min(OVERVIEW_COLUMNS, n)
+    rows_of_panels = -(-n // columns)
+    figure = Figure(figsize=(3.4 * columns, 3.2 * rows_of_panels), layout="constrained")
+    grid = figure.subplots(rows_of_panels, columns, squeeze=False)
+    for axes in grid.flat[len(tasks) :]:
+        axes.set_visible(False)
+    for axes, task in zip(grid.flat, tasks):
         rows = metrics[metrics["task"] == task]
         category = rows["category"].iloc[0]
         metric = PRIMARY_METRIC[category]
@@ -330,16 +386,95 @@ def plot_overview(metrics: pd.DataFrame, backbones: Sequence[str], tasks: Sequen
         selected = selected.set_index("backbone").reindex(backbones)
         x = np.arange(len(backbones))
         estimate = selected["estimate"].to_numpy(dtype=float)
-        low = estimate - selected["ci_low"].to_numpy(dtype=float)
-        high = selected["ci_high"].to_numpy(dtype=float) - estimate
-        axes.errorbar(x, estimate, yerr=[low, high], fmt="o", capsize=4)
-        axes.set_xticks(x, backbones, rotation=30, ha="right")
-        axes.set_title(f"{task}\n{first_probe}", fontsize=9)
+        ci_low = selected["ci_low"].to_numpy(dtype=float)
+        ci_high = selected["ci_high"].to_numpy(dtype=float)
+        bottom, top = overview_limits(metric, estimate, ci_low, ci_high)
+        inside = (estimate >= bottom) & (estimate <= top)
+        axes.errorbar(
+            x[inside],
+            estimate[inside],
+            yerr=[(estimate - ci_low)[inside], (ci_high - estimate)[inside]],
+            fmt="o",
+            capsize=4,
+        )
+        for position, value in zip(x[~inside], estimate[~inside]):
+            if not np.isfinite(value):
+                continue
+            edge, marker, align = (bottom, "v", "bottom") if value < bottom else (top, "^", "top")
+            axes.plot(position, edge, marker=marker, color="tab:red", markersize=9, clip_on=False)
+            last = position == x[-1]  # the rightmost label goes left, inside the panel
+            axes.annotate(
+                f"{value:.3g}\n(off scale)",
+                (position, edge),
+                xytext=(-6 if last else 6, 0),
+                textcoords="offset points",
+                ha="right" if last else "left",
+                va=align,
+                fontsize=7,
+                color="tab:red",
+            )
+        axes.set_ylim(bottom, top)
+        axes.set_xlim(-0.5, len(backbones) - 0.5)
+        axes.set_xticks(x, backbones, rotation=30, ha="right", fontsize=8)
+        axes.set_title(f"{task} ({first_probe})", fontsize=9)
         axes.set_ylabel(f"{metric} (lower is better)" if metric in LOWER_IS_BETTER else metric)
         chance = {"auroc": 0.5, "c_index": 0.5, "r2": 0.0}.get(metric)
-        if chance is not None:
+        if chance is not None and bottom <= chance <= top:
             axes.axhline(chance, color="grey", linestyle=":", linewidth=1)
     return figure
+
+
+def markdown_to_html(markdown: str, title: str = "Results") -> str:
+    """A standalone HTML page of the Markdown this module writes (headings, paragraphs,
+    pipe tables, *emphasis*, **bold**): the results as the Snakemake report shows them."""
+    import html
+    import re
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+        return re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", text)
+
+    body: list[str] = []
+    table: list[list[str]] = []
+
+    def close_table() -> None:
+        if not table:
+            return
+        header, *data = table
+        body.append("<table>")
+        body.append("<tr>" + "".join(f"<th>{inline(c)}</th>" for c in header) + "</tr>")
+        for row in data:
+            body.append("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>")
+        body.append("</table>")
+        table.clear()
+
+    for line in markdown.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            cells = [c.strip() for c in stripped.strip("|").split("|")]
+            if not all(set(c) <= {"-", ":"} and c for c in cells):  # skip the |---| rule
+                table.append(cells)
+            continue
+        close_table()
+        if not stripped:
+            continue
+        level = len(stripped) - len(stripped.lstrip("#"))
+        if level and stripped[level : level + 1] == " ":
+            body.append(f"<h{level}>{inline(stripped[level + 1 :])}</h{level}>")
+        else:
+            body.append(f"<p>{inline(stripped)}</p>")
+    close_table()
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:1em auto;font-size:14px}"
+        "table{border-collapse:collapse;margin:0.5em 0}"
+        "th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+        "th{background:#f3f3f3}"
+    )
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def plot_roc_curves(per_backbone: Mapping[str, Path], task: str) -> Figure | None:
@@ -373,10 +508,10 @@ def plot_roc_curves(per_backbone: Mapping[str, Path], task: str) -> Figure | Non
 def plot_kaplan_meier(per_backbone: Mapping[str, Path], task: str) -> Figure | None:
     """Kaplan-Meier curves of test risk groups (split at the training median), per backbone."""
     from voxelfm.probes.survival import kaplan_meier_risk_groups
+    from voxelfm.stats.plots import draw_risk_groups
 
     figure = Figure(figsize=(3.6 * len(per_backbone), 3.4), layout="constrained")
     axes_row = figure.subplots(1, len(per_backbone), squeeze=False)[0]
-    colours = {"low risk": "tab:blue", "high risk": "tab:red"}
     for axes, (backbone, path) in zip(axes_row, per_backbone.items()):
         predictions = pd.read_csv(path / PREDICTIONS_FILE)
         info = json.loads((path / TASK_FILE).read_text())["task"]
@@ -389,27 +524,9 @@ def plot_kaplan_meier(per_backbone: Mapping[str, Path], task: str) -> Figure | N
         groups = kaplan_meier_risk_groups(
             risk[train], risk[test], predictions.loc[test, info["labels"]].to_numpy(float)
         )
-        for name, curve in groups.curves.items():
-            axes.step(
-                curve["time"],
-                curve["survival"],
-                where="post",
-                color=colours[name],
-                label=f"{name} (n={groups.group_sizes[name]})",
-            )
-            axes.fill_between(
-                curve["time"],
-                curve["lower"],
-                curve["upper"],
-                step="post",
-                color=colours[name],
-                alpha=0.15,
-            )
-        axes.set(xlabel="time", ylim=(0, 1.02))
-        axes.set_title(
-            f"{backbone} ({probe}): log-rank p = {groups.logrank_p_value:.2g}", fontsize=9
+        draw_risk_groups(
+            axes, groups, f"{backbone} ({probe}): log-rank p = {groups.logrank_p_value:.2g}"
         )
-        axes.legend(loc="lower left", fontsize=7)
     axes_row[0].set_ylabel("survival probability")
     return figure
 

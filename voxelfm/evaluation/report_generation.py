@@ -1,6 +1,6 @@
 """Run a report_generation task: fit the report probes, generate for test, score, bootstrap.
 
-Called by ``voxelfm.evaluation.run.run_task`` (``DENSE_RUNNERS``). For every probe of the
+The runner of the ``report_generation`` category (``voxelfm.evaluation.categories``). For every probe of the
 task (``decoder``, ``nearest_neighbour``, ``llm``; see ``voxelfm.probes.report_generation``)
 the probe is fitted on the train split, selected on val, and generates one report per test
 scan. Metric rows (``metrics.csv``, same schema as the other categories):
@@ -29,15 +29,15 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from voxelfm.errors import VoxelFMError
 from voxelfm.evaluation.findings import finding_scores, findings_matrix
-from voxelfm.evaluation.run import PREDICTIONS_FILE, BootstrapSettings, metric_rows
-from voxelfm.evaluation.tasks import SPLITS, TaskData, TaskSpec
+from voxelfm.evaluation.results import PREDICTIONS_FILE, BootstrapSettings, metric_rows
+from voxelfm.splits import SPLIT_NAMES
 from voxelfm.stats.bootstrap import BootstrapResult, bootstrap_metrics
 from voxelfm.stats.text_metrics import (
     bleu_from_statistics,
@@ -47,6 +47,10 @@ from voxelfm.stats.text_metrics import (
 )
 from voxelfm.utils.atomic import write_csv_atomically
 from voxelfm.utils.jsonable import to_jsonable
+
+if TYPE_CHECKING:
+    from voxelfm.evaluation.tasks import TaskData, TaskSpec
+    from voxelfm.probes.report_generation import ReportOptions
 
 METRICS = (
     "bleu4",
@@ -67,17 +71,13 @@ def run_report_generation(
     context: Any = None,
 ) -> pd.DataFrame:
     """Fit, generate and score every probe of ``task``; returns the metric rows."""
-    from voxelfm.probes.report_generation import (
-        ReportOptions,
-        fit_decoder,
-        fit_llm,
-        fit_nearest_neighbour,
-    )
+    # The report probes import torch and tokenizers: only when a report task runs.
+    from voxelfm.probes.report_generation import fit_decoder, fit_llm, fit_nearest_neighbour
 
-    options = ReportOptions.from_mapping(task.options, task=task.name, probes=task.probes)
+    options = report_options(task)
     out = Path(out)
     reports = data.rows[task.labels[0]].astype(str).to_numpy()
-    masks = {split: data.split_mask(split) for split in SPLITS}
+    masks = {split: data.split_mask(split) for split in SPLIT_NAMES}
     train, val, test = masks["train"], masks["val"], masks["test"]
     test_patients = data.rows.loc[test, "patient_id"].to_numpy()
     references = list(reports[test])
@@ -131,6 +131,13 @@ def run_report_generation(
         )
     write_csv_atomically(predictions, out / PREDICTIONS_FILE)
     return pd.DataFrame(rows)
+
+
+def report_options(task: TaskSpec) -> ReportOptions:
+    """The task's options, checked (``ReportOptions``; the llm probe needs ``llm_path``)."""
+    from voxelfm.probes.report_generation import ReportOptions  # imports torch
+
+    return ReportOptions.from_mapping(task.options, task=task.name, probes=task.probes)
 
 
 def visual_inputs(

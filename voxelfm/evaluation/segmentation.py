@@ -32,6 +32,7 @@ Writes ``predictions.csv`` (every scan; the test scans with their per-scan Dice 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,10 @@ import numpy as np
 import pandas as pd
 
 from voxelfm.errors import VoxelFMError
+from voxelfm.evaluation.options import convert_options
+from voxelfm.evaluation.results import PREDICTIONS_FILE, DenseContext, metric_rows, skipped_row
+from voxelfm.splits import SPLIT_NAMES
+from voxelfm.stats.bootstrap import bootstrap_metrics
 from voxelfm.utils.jsonable import to_jsonable
 
 PROBE = "conv_decoder"
@@ -73,21 +78,39 @@ _PROBE_OPTIONS = (
 
 def segmentation_options(task) -> dict[str, Any]:
     """The task's options, converted and checked (unknown keys are an error)."""
-    unknown = sorted(set(task.options) - set(_OPTIONS))
-    if unknown:
-        raise VoxelFMError(
-            f"task {task.name!r}: unknown segmentation option(s) {unknown}; known: "
-            f"{sorted(_OPTIONS)}"
-        )
-    try:
-        options = {key: _OPTIONS[key](value) for key, value in task.options.items()}
-    except (TypeError, ValueError) as error:
-        raise VoxelFMError(f"task {task.name!r}: bad segmentation option: {error}") from None
+    options = convert_options(task, _OPTIONS, "segmentation")
     if not options.get("label_map"):
         raise VoxelFMError(f"task {task.name!r}: a segmentation task needs options.label_map")
     if "classes" in options:
         options["classes"] = _parse_classes(task.name, options["classes"])
     return options
+
+
+def scans_with_label_map(task, data, context: DenseContext):
+    """The task's data without (and reporting) the scans whose volume has no
+    ``options.label_map``: a collection mixes cohorts, and only some are contoured for a
+    given structure set."""
+    volumes = context.volumes
+    name = task.options.get("label_map")
+    if volumes is None or name is None:
+        return data  # the runner says what is missing
+    has_map = np.array(
+        [s in volumes and name in volumes.label_names(s) for s in data.rows["scan_id"]], bool
+    )
+    if has_map.all():
+        return data
+    dropped = dict(data.dropped)
+    for scan_id in data.rows.loc[~has_map, "scan_id"]:
+        dropped[scan_id] = f"no label map {name!r}"
+    rows = data.rows[has_map].reset_index(drop=True)
+    empty = [split for split in SPLIT_NAMES if not (rows["split"] == split).any()]
+    if empty:
+        raise VoxelFMError(
+            f"task {task.name!r}: no scans with label map {name!r} in split(s) {empty}"
+        )
+    return dataclasses.replace(
+        data, rows=rows, embedding_rows=data.embedding_rows[has_map], dropped=dropped
+    )
 
 
 def _parse_classes(task_name: str, classes: Any) -> dict[int, str]:
@@ -146,7 +169,7 @@ def _value_lookup(classes: Mapping[int, str], max_value: int) -> np.ndarray:
 
 def run_segmentation(task, data, embeddings, bootstrap, out: Path, context) -> pd.DataFrame:
     """Fit the decoder on train (epoch chosen on val Dice), evaluate once on test."""
-    from voxelfm.evaluation.run import PREDICTIONS_FILE, metric_rows, skipped_row
+    # The probe module imports torch: only when a segmentation task runs.
     from voxelfm.probes.segmentation import (
         SegmentationScan,
         confusion_counts,
@@ -155,7 +178,6 @@ def run_segmentation(task, data, embeddings, bootstrap, out: Path, context) -> p
         dice_per_class,
         fit_select_conv_decoder,
     )
-    from voxelfm.stats.bootstrap import bootstrap_metrics
 
     options = segmentation_options(task)
     rows = data.rows
@@ -281,7 +303,7 @@ def run_segmentation(task, data, embeddings, bootstrap, out: Path, context) -> p
 
 def _column_nanmean(column: int):
     """Metric (per-scan values, _) -> mean of one column over the scans where it is defined."""
-    from voxelfm.probes.segmentation import nanmean
+    from voxelfm.probes.segmentation import nanmean  # imports torch
 
     return lambda values, _: float(nanmean(values[:, column]))
 
@@ -297,7 +319,7 @@ def _device(name: str) -> str:
 
 
 def _write_back(out: Path, scan_id: str, labels: np.ndarray, volumes, source) -> None:
-    from voxelfm.io.writeback import write_label_map_to_source
+    from voxelfm.io.writeback import write_label_map_to_source  # SimpleITK
 
     attrs = volumes.attrs(scan_id)
     write_label_map_to_source(
@@ -312,6 +334,7 @@ def _write_back(out: Path, scan_id: str, labels: np.ndarray, volumes, source) ->
 def _write_figures(
     folder: Path, scan_id, volumes, tokens, patch_size, truth, predicted, class_names
 ) -> None:
+    # matplotlib: only when figures are drawn.
     from voxelfm.evaluation.feature_maps import pca_feature_map_figure, segmentation_overlay_figure
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,57 +18,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from voxelfm.errors import InputError, VoxelFMError
-from voxelfm.probes.splits import check_patient_level_split
+from voxelfm.errors import VoxelFMError
+from voxelfm.evaluation.categories import CATEGORIES
+from voxelfm.label_table import read_label_table
+from voxelfm.splits import SPLIT_NAMES as SPLITS
+from voxelfm.splits import check_patient_level_split
 
-Category = Literal[
-    "classification",
-    "regression",
-    "survival",
-    "retrieval",
-    "localisation",
-    "segmentation",
-    "report_generation",
-]
 FeatureKind = Literal["cls", "pooled", "cls+pooled"]
 
-SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"validation": "val", "valid": "val", "training": "train", "testing": "test"}
+__all__ = ["SPLITS", "TaskData", "TaskSpec", "align_task", "read_label_table"]
 
-# Probes that read patch tokens (pooled to a fixed grid) instead of one vector per scan.
-TOKEN_PROBES = frozenset({"attentive"})
-RETRIEVAL_PROTOCOLS = ("gallery", "pool")
-# Categories whose probes read patch tokens or text and are run by their own module
-# (``run_<category>(task, data, embeddings, bootstrap, out, context) -> metric rows``).
-DENSE_PROBES: dict[str, tuple[str, ...]] = {
-    "localisation": ("soft_argmax",),
-    "segmentation": ("conv_decoder",),
-    "report_generation": ("decoder", "nearest_neighbour", "llm"),
-}
-DEFAULT_PROBES: dict[str, tuple[str, ...]] = {
-    "classification": ("logistic", "knn", "attentive"),
-    "regression": ("ridge", "mlp"),
-    "survival": ("cox", "mlp_cox"),
-    "retrieval": RETRIEVAL_PROTOCOLS,
-    "localisation": ("soft_argmax",),
-    "segmentation": ("conv_decoder",),
-    "report_generation": ("decoder", "nearest_neighbour"),
-}
-# localisation: the RAS world position in mm (x, y, z columns); report_generation: the text.
-_N_LABEL_COLUMNS = {
-    "regression": 1,
-    "survival": 2,
-    "retrieval": 0,
-    "localisation": 3,
-    "segmentation": 0,
-    "report_generation": 1,
-}
+_SPLIT_ALIASES = {"validation": "val", "valid": "val", "training": "train", "testing": "test"}
 
 
 @dataclass(frozen=True)
@@ -77,9 +42,9 @@ class TaskSpec:
 
     Attributes:
         name: task name (the workflow wildcard).
-        category: classification, regression, survival or retrieval.
+        category: a key of ``voxelfm.evaluation.categories.CATEGORIES``.
         labels: label-table columns (see the module docstring).
-        probes: probe names (``voxelfm.probes.registry``), or retrieval protocols.
+        probes: probe names the category accepts (``TaskCategory.probes``).
         features: which global embedding the vector probes see.
         split_column: label-table column holding train / val / test.
         token_grid: patch tokens are average-pooled to this grid for token probes.
@@ -87,12 +52,13 @@ class TaskSpec:
             (empty: no sweep); the sweep runs the first probe of the list.
         sweep_repeats: subsamples per fraction.
         seed: seeds probe initialisation and the sweep's subsamples.
-        options: category-specific settings of the dense and language probes (e.g.
-            ``hit_radius_mm``, ``label_map``, ``classes``), checked by the category's runner.
+        options: category-specific options of the dense and language probes (e.g.
+            ``hit_radius_mm``, ``label_map``, ``classes``), parsed by the category's
+            ``options`` when its runner runs.
     """
 
     name: str
-    category: Category
+    category: str
     labels: tuple[str, ...]
     probes: tuple[str, ...]
     features: FeatureKind = "cls+pooled"
@@ -108,43 +74,28 @@ class TaskSpec:
     def from_config(cls, name: str, spec: Mapping[str, Any]) -> TaskSpec:
         spec = dict(spec)
         category = spec.pop("category", None)
-        if category not in DEFAULT_PROBES:
+        if category not in CATEGORIES:
             raise VoxelFMError(
-                f"task {name!r}: category must be one of {sorted(DEFAULT_PROBES)}, got {category!r}"
+                f"task {name!r}: category must be one of {sorted(CATEGORIES)}, got {category!r}"
             )
+        declared = CATEGORIES[category]
         labels = tuple(spec.pop("labels", ()) or ())
-        expected = _N_LABEL_COLUMNS.get(category)
+        expected = declared.label_columns
         if expected is not None and len(labels) != expected:
             raise VoxelFMError(
                 f"task {name!r}: a {category} task needs {expected} label column(s), "
                 f"got {list(labels)}"
             )
-        if category == "classification" and not labels:
-            raise VoxelFMError(f"task {name!r}: a classification task needs label column(s)")
-        probes = tuple(spec.pop("probes", None) or DEFAULT_PROBES[category])
-        if category == "retrieval":
-            unknown = sorted(set(probes) - set(RETRIEVAL_PROTOCOLS))
-            if unknown:
-                raise VoxelFMError(
-                    f"task {name!r}: unknown retrieval protocol(s) {unknown}; "
-                    f"known: {list(RETRIEVAL_PROTOCOLS)}"
-                )
-        elif category in DENSE_PROBES:
-            unknown = sorted(set(probes) - set(DENSE_PROBES[category]))
-            if unknown:
-                raise VoxelFMError(
-                    f"task {name!r}: unknown {category} probe(s) {unknown}; "
-                    f"known: {list(DENSE_PROBES[category])}"
-                )
-        else:
-            from voxelfm.probes.registry import PROBE_FITTERS
-
-            unknown = sorted(set(probes) - set(PROBE_FITTERS[category]))
-            if unknown:
-                raise VoxelFMError(
-                    f"task {name!r}: unknown {category} probe(s) {unknown}; "
-                    f"known: {sorted(PROBE_FITTERS[category])}"
-                )
+        if expected is None and not labels:
+            raise VoxelFMError(f"task {name!r}: a {category} task needs label column(s)")
+        probes = tuple(spec.pop("probes", None) or declared.default_probes)
+        unknown = sorted(set(probes) - set(declared.probes))
+        if unknown:
+            kind = "protocol" if category == "retrieval" else "probe"
+            raise VoxelFMError(
+                f"task {name!r}: unknown {category} {kind}(s) {unknown}; "
+                f"known: {list(declared.probes)}"
+            )
         features = spec.pop("features", "cls+pooled")
         if features not in ("cls", "pooled", "cls+pooled"):
             raise VoxelFMError(f"task {name!r}: features must be cls, pooled or cls+pooled")
@@ -159,7 +110,7 @@ class TaskSpec:
         category_options = spec.pop("options", None) or {}
         if not isinstance(category_options, Mapping):
             raise VoxelFMError(f"task {name!r}: options must be a mapping")
-        if category_options and category not in DENSE_PROBES:
+        if category_options and declared.options is None:
             raise VoxelFMError(f"task {name!r}: a {category} task takes no options")
         spec.pop("description", None)
         if spec:
@@ -202,27 +153,6 @@ class TaskData:
         if len(task.labels) == 1:
             return self.rows[task.labels[0]].to_numpy(dtype=np.int64)
         return self.rows[list(task.labels)].to_numpy(dtype=np.int64)
-
-
-def read_label_table(path) -> pd.DataFrame:
-    """The label table (CSV, one row per scan with at least ``scan_id`` and ``patient_id``).
-
-    A folder means its ``labels.csv``, as written by the synthetic cohort generator.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "labels.csv"
-    try:
-        table = pd.read_csv(path, dtype={"scan_id": str, "patient_id": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise InputError(path, f"cannot read the label table: {error}") from None
-    missing = {"scan_id", "patient_id"} - set(table.columns)
-    if missing:
-        raise InputError(path, f"label table lacks column(s) {sorted(missing)}")
-    duplicated = table["scan_id"][table["scan_id"].duplicated()]
-    if len(duplicated):
-        raise InputError(path, f"scan_id repeated in the label table: {duplicated.iloc[0]!r}")
-    return table
 
 
 def align_task(

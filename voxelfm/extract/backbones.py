@@ -33,7 +33,15 @@ Kinds
     reference's own inference script (``dinov2/inference/processing.py``) standardises
     *without* the clip; ``"normalisation": {"hu_clip": null}`` reproduces that.
     ``input_axes`` "zyx" (default) feeds the canonical volume as (Z, Y, X), as the
-    reference's inference does; patch tokens are returned on the (X, Y, Z) grid either way.
+    reference reads a RAS-stored NIfTI; "axial_display" as (Z, Y reversed, X reversed), as
+    it reads an axial DICOM series; patch tokens are returned on the (X, Y, Z) grid always.
+    ``preprocessing``: "canonical" (default: the volume as our extraction gives it, the
+    normalisation above) or "reference" (the reference's embedding pipeline on our grid:
+    loader clip [-1000, 1900], background crop, at most ``max_patches`` (25,000) patches,
+    patch crop, unclipped standardisation, fp32; see ``voxelfm.extract.reference_pipeline``,
+    whose ``reference_features`` runs it on a file exactly as the reference does).
+    ``precision``: "fp32" or "bf16" for this backbone whatever the run's precision
+    (default: the run's; "fp32" with ``preprocessing: reference``).
 ``random_init``: the same architecture as ``like`` (an exported backbone folder) or as
     ``preset`` + ``overrides``, with weights from the constructor's initialisation after
     ``torch.manual_seed(seed)`` (the global RNG is restored afterwards). Uses ``like``'s
@@ -217,8 +225,10 @@ class ViTExtractor(FeatureExtractor):
         spacing_mm: tuple[float, float, float] | None = None,
         provenance: Mapping[str, Any] | None = None,
     ) -> None:
-        if input_axes not in ("xyz", "zyx"):
-            raise VoxelFMError(f"input_axes must be 'xyz' or 'zyx', got {input_axes!r}")
+        if input_axes not in INPUT_AXES:
+            raise VoxelFMError(
+                f"input_axes must be one of {', '.join(INPUT_AXES)}, got {input_axes!r}"
+            )
         self.kind = kind  # type: ignore[misc]  # per-instance: one class serves three kinds
         self.name = name
         self.spec = dict(spec)
@@ -234,21 +244,17 @@ class ViTExtractor(FeatureExtractor):
         self.provenance = dict(provenance or {})
 
     def forward(self, hu: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        x = self.normalisation(hu.to(self.device, torch.float32))
-        if self.input_axes == "zyx":
-            x = x.permute(0, 1, 4, 3, 2)
-        autocast = (
-            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-            if self.precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        x = to_input_axes(self.normalisation(hu.to(self.device, torch.float32)), self.input_axes)
+        with self.autocast():
             out = self.model(x)
         cls = out.x_norm_clstoken.float()
         patch = out.patch_grid().float()  # (B, g0, g1, g2, D) in input axis order
-        if self.input_axes == "zyx":
-            patch = patch.permute(0, 3, 2, 1, 4)
-        return cls, patch.contiguous()
+        return cls, from_input_axes(patch, self.input_axes).contiguous()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _extra_description(self) -> dict[str, Any]:
         return {
@@ -258,6 +264,99 @@ class ViTExtractor(FeatureExtractor):
             "precision": self.precision,
             **to_jsonable(self.provenance),
         }
+
+
+PUBLISHED_PREPROCESSING = ("canonical", "reference")
+
+
+class ReferenceViTExtractor(ViTExtractor):
+    """The published ViT fed as the reference's embedding pipeline feeds it.
+
+    Per volume: our extraction padding cut off (``valid``), axes as ``input_axes``, HU clipped
+    to ``normalisation.hu_clip`` (the reference loader's clip), then the reference's
+    background crop, patch budget (``max_patches``) and patch crop
+    (:func:`voxelfm.extract.reference_pipeline.prepare_reference`; no isotropic resampling:
+    our volumes are already on one grid), standardisation without a further clip, and the
+    model. Its tokens lie on the cropped and shrunken grid; they are sampled back at the
+    centres of our patches (trilinear, border tokens repeated outside the crop).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, *, max_patches: int | None, crop_background: bool, **base: Any
+    ) -> None:
+        super().__init__(model, **base)
+        self.max_patches = max_patches
+        self.crop_background = crop_background
+
+    def forward(self, hu: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        from voxelfm.extract.foreign.common import AxisMap, sample_feature_grid, valid_box
+        from voxelfm.extract.reference_pipeline import prepare_reference
+
+        hu = hu.to(self.device, torch.float32)
+        batch, _, *shape = hu.shape
+        p = int(self.patch_size)
+        grid = [n // p for n in shape]
+        order = (0, 1, 2) if self.input_axes == "xyz" else (2, 1, 0)
+        cls, patch = [], []
+        for row in range(batch):  # crops and budgets differ per volume
+            box = valid_box(None if valid is None else valid[row], shape)
+            x = to_input_axes(hu[row, 0][box], self.input_axes)
+            maps = [AxisMap(source=axis, shift=-box[axis].start) for axis in order]
+            if self.input_axes == "axial_display":
+                maps[1] = maps[1].flipped(x.shape[1])
+                maps[2] = maps[2].flipped(x.shape[2])
+            clip = self.normalisation.hu_clip
+            x = x if clip is None else x.clamp(*clip)
+            x = prepare_reference(
+                x,
+                None,
+                p,
+                max_patches=self.max_patches,
+                crop_background=self.crop_background,
+                maps=maps,
+                empty_ok=True,  # a sliding window may hold only air
+            )
+            x = (x - self.normalisation.mean) / self.normalisation.std
+            with self.autocast():
+                out = self.model(x[None, None])
+            cls.append(out.x_norm_clstoken[0].float())
+            features = out.patch_grid()[0].float().permute(3, 0, 1, 2)  # (D, g0, g1, g2)
+            patch.append(sample_feature_grid(features, maps, x.shape, grid, p))
+        return torch.stack(cls), torch.stack(patch)
+
+    def _extra_description(self) -> dict[str, Any]:
+        return {
+            **super()._extra_description(),
+            "reference_pipeline": {
+                "background_crop": self.crop_background,
+                "max_patches": self.max_patches,
+                "source": "rmaguado/VoxelFM dinov2/inference (loaders, processing, distributed)",
+            },
+        }
+
+
+# How a ViT sees our (X, Y, Z) volume: "xyz" as it is; "zyx" as (Z, Y, X), the order the
+# reference reads a RAS-stored NIfTI in; "axial_display" as (Z, Y reversed, X reversed), the
+# order the reference reads a standard axial DICOM series in (slices inferior -> superior,
+# rows anterior -> posterior, columns patient right -> left).
+INPUT_AXES = ("xyz", "zyx", "axial_display")
+
+
+def to_input_axes(x: Tensor, input_axes: str) -> Tensor:
+    """(..., X, Y, Z) -> the model's input axis order (see INPUT_AXES)."""
+    if input_axes == "xyz":
+        return x
+    x = x.transpose(-1, -3)
+    return x.flip(-2, -1) if input_axes == "axial_display" else x
+
+
+def from_input_axes(patch: Tensor, input_axes: str) -> Tensor:
+    """(..., g0, g1, g2, D) tokens in input axis order -> (..., gx, gy, gz, D)."""
+    if input_axes == "xyz":
+        return patch
+    if input_axes == "axial_display":
+        patch = patch.flip(-3, -2)
+    return patch.transpose(-2, -4)
 
 
 @register_backbone("voxelfm")
@@ -297,8 +396,30 @@ def _build_published(spec: Mapping[str, Any], device: torch.device, precision: s
             "normalisation",
             "input_axes",
             "spacing_mm",
+            "preprocessing",
+            "precision",
+            "max_patches",
+            "crop_background",
         ),
     )
+    variant = options.get("preprocessing", "canonical")
+    if variant not in PUBLISHED_PREPROCESSING:
+        raise VoxelFMError(
+            f"published_voxelfm: preprocessing must be one of "
+            f"{', '.join(PUBLISHED_PREPROCESSING)}, got {variant!r}"
+        )
+    reference = variant == "reference"
+    only_reference = sorted({"max_patches", "crop_background"} & set(options))
+    if only_reference and not reference:
+        raise VoxelFMError(
+            f"published_voxelfm: {', '.join(only_reference)} apply to preprocessing: reference"
+        )
+    # The reference runs its model in fp32; the canonical mode follows the run's precision.
+    chosen = options.get("precision", "fp32" if reference else precision)
+    if chosen not in PRECISIONS:
+        raise VoxelFMError(
+            f"published_voxelfm: precision must be one of {PRECISIONS}, got {chosen!r}"
+        )
     path = _existing(options["path"], "published checkpoint")
     try:
         model = load_published_checkpoint(
@@ -309,17 +430,40 @@ def _build_published(spec: Mapping[str, Any], device: torch.device, precision: s
         )
     except (ValueError, TypeError) as error:  # bad preset / which / overrides
         raise InputError(path, str(error)) from error
-    return ViTExtractor(
+    common = {
+        "kind": "published_voxelfm",
+        "name": options.get("name", "published_voxelfm"),
+        "spec": spec,
+        "device": device,
+        "input_axes": options.get("input_axes", "zyx"),
+        "precision": chosen,
+        "spacing_mm": _spacing(options.get("spacing_mm")),
+        "provenance": {"weights_sha256": _file_sha256(path), "preprocessing": variant},
+    }
+    if not reference:
+        return ViTExtractor(
+            model, normalisation=_normalisation_option(options.get("normalisation"), path), **common
+        )
+    from voxelfm.extract.reference_pipeline import FILE_CLIP, REFERENCE_MAX_PATCHES
+
+    # The reference clips in its loader ([-1000, 1900] for files) and standardises unclipped.
+    normalisation = {"hu_clip": list(FILE_CLIP), **dict(options.get("normalisation") or {})}
+    crop = options.get("crop_background", True)
+    if not isinstance(crop, bool):
+        raise VoxelFMError(
+            f"published_voxelfm: crop_background must be true or false, got {crop!r}"
+        )
+    max_patches = options.get("max_patches", REFERENCE_MAX_PATCHES)
+    if max_patches is not None and (not isinstance(max_patches, int) or max_patches < 1):
+        raise VoxelFMError(
+            f"published_voxelfm: max_patches must be a positive integer or null, got {max_patches!r}"
+        )
+    return ReferenceViTExtractor(
         model,
-        kind="published_voxelfm",
-        name=options.get("name", "published_voxelfm"),
-        spec=spec,
-        device=device,
-        normalisation=_normalisation_option(options.get("normalisation"), path),
-        input_axes=options.get("input_axes", "zyx"),
-        precision=precision,
-        spacing_mm=_spacing(options.get("spacing_mm")),
-        provenance={"weights_sha256": _file_sha256(path)},
+        normalisation=_normalisation_option(normalisation, path),
+        max_patches=max_patches,
+        crop_background=crop,
+        **common,
     )
 
 
@@ -372,6 +516,7 @@ def _build_random_init(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = construct()
+    _warn_if_blocks_muted(model, options.get("name", "random_init"))
     return ViTExtractor(
         model,
         kind="random_init",
@@ -384,6 +529,33 @@ def _build_random_init(
         spacing_mm=_spacing(options.get("spacing_mm")),
         provenance={"seed": seed},
     )
+
+
+# A LayerScale gain below this leaves a freshly initialised ViT's blocks all but inert.
+MUTED_LAYERSCALE = 1e-3
+
+
+def _warn_if_blocks_muted(model: torch.nn.Module, name: str) -> None:
+    """Warn when a random ViT starts with the paper's LayerScale 1e-5: its blocks barely act,
+    so its CLS vector is ~1e-4 in size (the final LayerNorm's epsilon dominates) and carries
+    only a trace of the input, and its patch tokens are little more than the patch embedding.
+    A baseline of that kind says little about what pretraining adds."""
+    import warnings
+
+    from voxelfm.models.layers.layer_scale import LayerScale
+
+    gains = [
+        float(m.gamma.detach().abs().max()) for m in model.modules() if isinstance(m, LayerScale)
+    ]
+    if gains and max(gains) < MUTED_LAYERSCALE:
+        warnings.warn(
+            f"random_init backbone {name!r} starts with LayerScale {max(gains):.0e}: its blocks "
+            "barely act, so its CLS vector is ~1e-4 in size with only a trace of the input and "
+            "its patch tokens are little more than the patch embedding; for a random baseline "
+            "whose blocks act, add overrides: {layerscale_init: 0.1} (or use like: a trained "
+            "backbone)",
+            stacklevel=3,
+        )
 
 
 # --- handcrafted baseline -----------------------------------------------------------------

@@ -58,7 +58,12 @@ def add_embed_arguments(cmd: argparse.ArgumentParser) -> None:
         help="bf16 autocast on CUDA (CPU always runs fp32)",
     )
     cmd.add_argument("--batch-size", type=int, default=4, help="sliding windows per forward pass")
-    cmd.add_argument("--mode", choices=("auto", "whole", "sliding"), default="auto")
+    cmd.add_argument(
+        "--mode",
+        choices=("auto", "whole", "sliding"),
+        default="auto",
+        help="auto slides windows over volumes above --max-patches, else one pass",
+    )
     cmd.add_argument(
         "--window",
         type=_window_arg,
@@ -73,6 +78,12 @@ def add_embed_arguments(cmd: argparse.ArgumentParser) -> None:
         help="patch budget per forward pass; auto mode slides above it",
     )
     cmd.add_argument("--no-patches", action="store_true", help="store only the global vectors")
+    cmd.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="stores without a complete scan give an empty embedding store, not an error "
+        "(the workflow embeds each shard separately and reads the shards' stores as one)",
+    )
     cmd.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -102,6 +113,7 @@ def run_embed(args: argparse.Namespace) -> None:
             max_patches=args.max_patches,
             store_patches=not args.no_patches,
             progress=not args.no_progress,
+            allow_empty=args.allow_empty,
         )
     except ValueError as error:  # inconsistent extraction options
         raise VoxelFMError(str(error)) from error

@@ -18,14 +18,7 @@ from typing import Any
 
 import torch
 
-
-def standardise_hu(
-    hu: torch.Tensor, hu_clip: tuple[float, float] | None, mean: float, std: float
-) -> torch.Tensor:
-    """Clip HU to ``hu_clip`` (None: no clip), then standardise: ``(hu - mean) / std``."""
-    if hu_clip is not None:
-        hu = hu.clamp(*hu_clip)
-    return (hu - mean) / std
+from voxelfm.hu import standardise_hu
 
 
 @dataclass(frozen=True)

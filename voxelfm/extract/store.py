@@ -69,6 +69,7 @@ def write_embeddings(
     extraction: Mapping[str, Any] | None = None,
     preprocessing: Mapping[str, Any] | Any = None,
     store_patches: bool = True,
+    allow_empty: bool = False,
 ) -> Path:
     """Write the embedding store (layout in the module docstring) atomically; returns it.
 
@@ -80,6 +81,8 @@ def write_embeddings(
         preprocessing: provenance of the volumes (JSON-serialisable), or a callable
             returning it, called after ``records`` is exhausted.
         store_patches: also write the per-scan patch tokens.
+        allow_empty: no records at all gives a store of 0 rows instead of an error (an
+            empty shard of a scattered workflow; records that all failed are still one).
 
     Raises:
         VoxelFMError: no scan could be embedded (nothing is written), or two records share
@@ -118,15 +121,15 @@ def write_embeddings(
             pooled_rows.append(features.pooled.astype(np.float16))
             if patch_group is not None and features.patch is not None:
                 _write_patch(patch_group, record.scan_id, features)
-        if not scan_ids:
+        if not scan_ids and not (allow_empty and not failed):
             detail = f"; first: {failed[0]['scan_id']}: {failed[0]['error']}" if failed else ""
             raise VoxelFMError(
                 f"no scan could be embedded ({len(failed)} failed){detail}; "
                 f"{out_path} was not written"
             )
         for name, rows in (("cls", cls_rows), ("pooled", pooled_rows)):
-            data = np.stack(rows)
-            root.create_array(name, data=data, chunks=data.shape)
+            data = np.stack(rows) if rows else np.zeros((0, embed_dim or 0), np.float16)
+            root.create_array(name, data=data, chunks=(max(1, len(data)), data.shape[1]))
         if callable(preprocessing):
             preprocessing = preprocessing()
         root.attrs.update(
@@ -184,32 +187,41 @@ def _write_patch(group: zarr.Group, scan_id: str, features: Features) -> None:
 
 
 class EmbeddingStore:
-    """Read an embedding store written by :func:`write_embeddings`."""
+    """Read an embedding store written by :func:`write_embeddings`, or the union of several.
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
-            raise InputError(self.path, "not an embedding store (no zarr.json)")
-        try:
-            self._root = zarr.open_group(self.path, mode="r")
-        except Exception as error:  # zarr raises several types for damaged metadata
-            raise InputError(self.path, f"cannot open the Zarr group: {error}") from error
-        self._attrs = self._root.attrs.asdict()
-        if self._attrs.get("format") != FORMAT:
-            raise InputError(self.path, f"not a {FORMAT} store")
-        if self._attrs.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                self.path,
-                f"format_version {self._attrs.get('format_version')} is not the supported "
-                f"{FORMAT_VERSION}",
-            )
+    ``EmbeddingStore([shard_0.zarr, shard_1.zarr, ...])`` reads the stores one scattered
+    ``embed`` job per shard wrote as one store: rows sorted by scan id (the order one store
+    of all the shards has), failed scans and provenance merged. The parts must come from the
+    same backbone with the same extraction options, and no scan may be in two of them.
+    """
+
+    def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike]):
+        paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+        if not paths:
+            raise VoxelFMError("no embedding store given")
+        self._parts = [(p, *_open_embedding_group(p)) for p in paths]
+        if len(paths) == 1:
+            self.path = paths[0]
+            self._attrs = self._parts[0][2]
+        else:
+            self.path = Path(os.path.commonpath([p.resolve() for p in paths]))
+            self._attrs = _union_attrs(self._parts)
+        # scan id -> (part index, row in that part), in the union's row order
+        self._where: dict[str, tuple[int, int]] = {}
+        for index, (_, _, attrs) in enumerate(self._parts):
+            for row, scan_id in enumerate(attrs["scan_ids"]):
+                self._where[scan_id] = (index, row)
         self._row = {scan_id: row for row, scan_id in enumerate(self.scan_ids)}
 
     def __len__(self) -> int:
         return len(self.scan_ids)
 
     def __repr__(self) -> str:
-        return f"EmbeddingStore({self.path}, backbone={self.backbone_name!r}, {len(self)} scans)"
+        parts = f", {len(self._parts)} parts" if len(self._parts) > 1 else ""
+        return (
+            f"EmbeddingStore({self.path}, backbone={self.backbone_name!r}, "
+            f"{len(self)} scans{parts})"
+        )
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -250,15 +262,25 @@ class EmbeddingStore:
         concatenates the two, (N, 2D)."""
         if kind not in GLOBAL_KINDS:
             raise ValueError(f"kind must be one of {GLOBAL_KINDS}, got {kind!r}")
-        parts = [np.asarray(self._root[name][...], dtype=np.float32) for name in kind.split("+")]
+        parts = [self._global_array(name) for name in kind.split("+")]
         matrix = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         if scan_ids is None:
             return matrix
         return matrix[[self._row_of(scan_id) for scan_id in scan_ids]]
 
+    def _global_array(self, name: str) -> np.ndarray:
+        """One global array ("cls" or "pooled") of every part, in the union's row order."""
+        if len(self._parts) == 1:
+            return np.asarray(self._parts[0][1][name][...], dtype=np.float32)
+        blocks = [np.asarray(root[name][...], dtype=np.float32) for _, root, _ in self._parts]
+        return np.stack(
+            [blocks[part][row] for part, row in (self._where[s] for s in self.scan_ids)]
+        )
+
     def has_patch_tokens(self, scan_id: str) -> bool:
         self._row_of(scan_id)
-        return f"{PATCH_GROUP}/{scan_id}" in self._root
+        root = self._parts[self._where[scan_id][0]][1]
+        return f"{PATCH_GROUP}/{scan_id}" in root
 
     def patch_tokens(self, scan_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(gx, gy, gz, D) float32 tokens and the (4, 4) token index -> RAS mm affine."""
@@ -282,13 +304,88 @@ class EmbeddingStore:
     def _patch_array(self, scan_id: str) -> zarr.Array:
         if not self.has_patch_tokens(scan_id):
             raise VoxelFMError(f"{self.path}: no patch tokens stored for scan {scan_id!r}")
-        return self._root[f"{PATCH_GROUP}/{scan_id}"]
+        return self._parts[self._where[scan_id][0]][1][f"{PATCH_GROUP}/{scan_id}"]
 
     def _row_of(self, scan_id: str) -> int:
         try:
             return self._row[scan_id]
         except KeyError:
             raise KeyError(f"scan {scan_id!r} is not in {self!r}") from None
+
+
+def _open_embedding_group(path: Path) -> tuple[zarr.Group, dict[str, Any]]:
+    """The root group of one embedding store and its attributes, checked."""
+    if not (path / "zarr.json").is_file():
+        raise InputError(path, "not an embedding store (no zarr.json)")
+    try:
+        root = zarr.open_group(path, mode="r")
+    except Exception as error:  # zarr raises several types for damaged metadata
+        raise InputError(path, f"cannot open the Zarr group: {error}") from error
+    attrs = root.attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise InputError(path, f"not a {FORMAT} store")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            path,
+            f"format_version {attrs.get('format_version')} is not the supported {FORMAT_VERSION}",
+        )
+    return root, attrs
+
+
+# Attributes every part of a union must share: the same model, the same features.
+_UNION_INVARIANTS = ("backbone", "embed_dim", "patch_size", "mode", "extraction")
+
+
+def _union_attrs(parts: Sequence[tuple[Path, zarr.Group, dict[str, Any]]]) -> dict[str, Any]:
+    """The attributes one store of all the parts would have (rows sorted by scan id)."""
+    first_path, _, first = parts[0]
+    owner: dict[str, Path] = {}
+    rows: list[tuple[str, str, str]] = []
+    for path, _, attrs in parts:
+        for key in _UNION_INVARIANTS:
+            if attrs.get(key) != first.get(key):
+                raise InputError(
+                    path, f"its {key} differs from {first_path}'s; not parts of one store"
+                )
+        for scan_id, patient_id, mode in zip(
+            attrs["scan_ids"], attrs["patient_ids"], attrs["modes"]
+        ):
+            if scan_id in owner:
+                raise InputError(path, f"scan {scan_id!r} is also in {owner[scan_id]}")
+            owner[scan_id] = path
+            rows.append((scan_id, patient_id, mode))
+    if not rows:
+        raise InputError(
+            first_path.parent, f"none of the {len(parts)} embedding stores holds a scan"
+        )
+    rows.sort()
+    provenance = [attrs.get("preprocessing") or {} for _, _, attrs in parts]
+    preprocessing = {
+        key: sorted({json_key for p in provenance for json_key in map(_hashable, p.get(key, []))})
+        for key in ("stores", "spacing_mm", "hu_range", "preprocessing_version")
+    }
+    return {
+        **first,
+        "preprocessing": {k: [_unhashable(v) for v in vs] for k, vs in preprocessing.items()},
+        "has_patch_tokens": all(attrs.get("has_patch_tokens") for _, _, attrs in parts),
+        "n_scans": len(rows),
+        "scan_ids": [r[0] for r in rows],
+        "patient_ids": [r[1] for r in rows],
+        "modes": [r[2] for r in rows],
+        "failed_scans": sorted(
+            (f for _, _, attrs in parts for f in attrs.get("failed_scans", [])),
+            key=lambda f: f["scan_id"],
+        ),
+        "parts": [str(path) for path, _, _ in parts],
+    }
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _unhashable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def adaptive_avg_pool(tokens: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
@@ -321,6 +418,7 @@ def embed_store(
     scan_ids: Sequence[str] | None = None,
     store_patches: bool = True,
     progress: bool = True,
+    allow_empty: bool = False,
 ) -> Path:
     """Embed every scan of the shard ``stores`` with one backbone into ``out_path``.
 
@@ -334,6 +432,8 @@ def embed_store(
         scan_ids: a subset to embed (default: every complete scan, sorted).
         store_patches: also store the per-scan patch tokens.
         progress: a tqdm bar (rate, ETA) on stderr.
+        allow_empty: stores without a complete scan give an empty embedding store (one
+            shard of a scattered workflow) instead of an error.
 
     A scan that fails prints a one-line warning naming it on stderr and is listed in the
     store's ``failed_scans``; if every scan fails, VoxelFMError is raised and nothing is
@@ -368,7 +468,7 @@ def embed_store(
     unknown = [scan_id for scan_id in ids if scan_id not in volumes]
     if unknown:
         raise VoxelFMError(f"scans not in the stores: {', '.join(unknown[:5])}")
-    if not ids:
+    if not ids and not allow_empty:
         raise VoxelFMError("the stores hold no complete scan to embed")
     seen_preprocessing: dict[str, set] = {"spacing_mm": set(), "hu_range": set(), "version": set()}
 
@@ -433,6 +533,7 @@ def embed_store(
         extraction=extraction,
         preprocessing=preprocessing,
         store_patches=store_patches,
+        allow_empty=allow_empty,
     )
 
 

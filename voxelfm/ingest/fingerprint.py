@@ -53,3 +53,36 @@ def _file_digests(path: Path) -> list[tuple[str, str]]:
         files = sorted(p for p in path.rglob("*") if p.is_file())
         return [(p.relative_to(path).as_posix(), sha256_of_files([p])) for p in files]
     raise InputError(path, "does not exist")
+
+
+def store_fingerprint(store: str | os.PathLike) -> str:
+    """Content fingerprint of a shard store: what a model trained on it depends on.
+
+    Per complete scan (in id order): its id, its patient and the digest of its content, which
+    is the input fingerprint recorded at ingestion (inputs' bytes + preprocessing parameters
+    + PREPROCESSING_VERSION) when present, else the SHA-256 of the scan's files. Re-ingesting
+    other data (or with other parameters) at the same path changes it.
+    """
+    from voxelfm.store.layout import list_complete_scans
+
+    store = Path(store)
+    digest = hashlib.sha256()
+    for scan_id in list_complete_scans(store):
+        attributes = _group_attributes(store / scan_id)
+        content = attributes.get("input_fingerprint") or _files_digest(store / scan_id)
+        digest.update(f"{scan_id}\0{attributes.get('patient_id')}\0{content}\0".encode())
+    return digest.hexdigest()
+
+
+def _group_attributes(group: Path) -> dict:
+    try:
+        return json.loads((group / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _files_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for relative_name, file_digest in _file_digests(folder):
+        digest.update(f"{relative_name}\0{file_digest}\0".encode())
+    return digest.hexdigest()

@@ -3,7 +3,8 @@
 Required columns: ``scan_id``, ``patient_id``, ``image`` (a DICOM series folder or a
 NIfTI/NRRD/MetaImage file). Optional: ``label_<name>`` columns holding label-map paths
 (an empty cell means that scan has no such label), ``series_uid`` (picks one series in a
-DICOM folder holding several) and ``rescale_slope`` / ``rescale_intercept`` (HU = slope x
+DICOM folder holding several; a UID is an identifier, so the validated manifest holds its
+pseudonymous ``sha256:`` reference instead, which picks the same series) and ``rescale_slope`` / ``rescale_intercept`` (HU = slope x
 stored value + intercept, applied before anything else, for collections whose image files
 hold raw stored values with the rescale in a side table, such as CT-RATE; an empty cell
 means the file's values are already HU). Other columns are kept and ignored. Relative paths are
@@ -71,6 +72,12 @@ def read_manifest(
         raise InputError(path, "has no scans (only a header)")
     _check_cells(path, manifest)
     _check_unique_scans(path, manifest)
+    if SERIES_UID_COLUMN in manifest.columns:
+        from voxelfm.io.dicom_series import series_reference
+
+        manifest[SERIES_UID_COLUMN] = [
+            series_reference(uid) if uid else uid for uid in manifest[SERIES_UID_COLUMN]
+        ]
     for column in ("image", *label_columns(manifest).values()):
         manifest[column] = [_resolve(path.parent, value) for value in manifest[column]]
     if strict:
@@ -183,3 +190,41 @@ def _check_files_exist(path: Path, manifest: pd.DataFrame) -> None:
             if value and not Path(value).exists():
                 line = position + _FIRST_DATA_LINE
                 raise InputError(path, f"line {line}: {column} {value} does not exist")
+
+
+def check_label_table(labels: str | os.PathLike, manifest: pd.DataFrame) -> None:
+    """Refuse a label table that would leak or mislabel, before any scan is processed.
+
+    ``labels``: the label CSV, or a folder holding labels.csv. Each scan it shares with the
+    manifest must belong to the same patient there, and when it has a ``split`` column no
+    patient may have scans in two splits (a patient in train and test inflates every
+    metric). Raises InputError naming the table.
+    """
+    from voxelfm.label_table import read_label_table
+    from voxelfm.splits import PatientLeakageError, check_patient_level_split
+
+    path = Path(labels)
+    if path.is_dir():
+        path = path / "labels.csv"
+    table = read_label_table(path)
+    table["patient_id"] = table["patient_id"].astype(str)
+    shared = table[["scan_id", "patient_id"]].merge(
+        manifest[["scan_id", "patient_id"]], on="scan_id", suffixes=("", "_manifest")
+    )
+    disagree = shared[shared["patient_id"] != shared["patient_id_manifest"]]
+    if len(disagree):
+        first = disagree.iloc[0]
+        raise InputError(
+            path,
+            f"{len(disagree)} scan(s) belong to another patient than in the manifest, e.g. "
+            f"scan {first['scan_id']!r}: patient {first['patient_id']!r} here, "
+            f"{first['patient_id_manifest']!r} in the manifest",
+        )
+    if "split" in table.columns:
+        assigned = table[table["split"].notna()]
+        try:
+            check_patient_level_split(
+                assigned["patient_id"].to_numpy(), assigned["split"].astype(str).to_numpy()
+            )
+        except PatientLeakageError as error:
+            raise InputError(path, f"{error} (patient-level leakage)") from None

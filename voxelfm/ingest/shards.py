@@ -8,7 +8,9 @@ and returns only a small row, so memory stays at a few volumes whatever the shar
 
 Outputs appear atomically. The store is built as ``shard_XXX.zarr.partial`` and renamed at
 the end; a rerun after a crash (or of a finished shard) resumes from it, skipping every
-stored scan whose input fingerprint (inputs + preprocessing parameters) is unchanged.
+stored scan whose input fingerprint (inputs + preprocessing parameters) is unchanged. Only a
+store this tool wrote is ever resumed, pruned or replaced: any other folder at either name
+is refused, untouched.
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ from voxelfm.errors import InputError, VoxelFMError
 from voxelfm.ingest.fingerprint import input_fingerprint
 from voxelfm.ingest.manifest import SERIES_UID_COLUMN, label_paths, read_manifest, rescale_of
 from voxelfm.ingest.qc import scan_qc
+from voxelfm.io.geometry import DEFAULT_LIMITS, GeometryLimits
 from voxelfm.store.layout import list_complete_scans
 from voxelfm.store.writer import (
     delete_scan,
+    is_voxelfm_store,
     open_store_for_writing,
     remove_partial_scans,
     write_scan,
 )
-from voxelfm.utils.atomic import write_csv_atomically
+from voxelfm.utils.atomic import fsync_folder, write_csv_atomically
 
 FAILURE_COLUMNS = ["scan_id", "image", "error_type", "reason"]
 QC_ID_COLUMNS = ["scan_id", "patient_id"]
@@ -99,13 +103,14 @@ def run_shard(
     strict: bool = False,
     workers: int = 2,
     progress: bool = True,
+    limits: GeometryLimits = DEFAULT_LIMITS,
 ) -> ShardReport:
     """Preprocess every scan of a shard manifest into the store ``out_store``.
 
     A scan that raises is recorded in ``failures_csv`` (scan_id, image, error_type, reason
     on one line) and the others continue; with ``strict`` the first failure is raised
     instead (a VoxelFMError carries its one-line reason) and missing files fail the
-    manifest check up front. ``qc_csv`` gets one row per stored scan (see ``qc.scan_qc``).
+    manifest check up front. A scan whose voxel size or count is outside ``limits`` fails. ``qc_csv`` gets one row per stored scan (see ``qc.scan_qc``).
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -117,7 +122,7 @@ def run_shard(
     for stale in set(list_complete_scans(work_store)) - set(manifest["scan_id"]):
         delete_scan(work_store, stale)
 
-    settings = {"spacing": spacing, "hu_range": hu_range, "strict": strict}
+    settings = {"spacing": spacing, "hu_range": hu_range, "strict": strict, "limits": limits}
     bar = tqdm(total=len(manifest), desc=out_store.name, unit="scan", disable=not progress)
     bar_lock = threading.Lock()
     tasks = [
@@ -138,6 +143,7 @@ def run_shard(
     if out_store.exists():
         shutil.rmtree(out_store)
     os.rename(work_store, out_store)
+    fsync_folder(out_store.parent)
     statuses = [status for status, _ in outcomes]
     return ShardReport(
         statuses.count("stored"), statuses.count("resumed"), statuses.count("failed")
@@ -147,6 +153,13 @@ def run_shard(
 def _work_store(out_store: Path) -> Path:
     """The store to build in: a previous partial run, else a finished one, else new."""
     work_store = out_store.with_name(out_store.name + PARTIAL_STORE_SUFFIX)
+    for existing in (out_store, work_store):
+        if existing.exists() and not is_voxelfm_store(existing):
+            raise InputError(
+                existing,
+                "exists and is not a VoxelFM shard store; refusing to replace or delete it "
+                "(move it away or choose another --store)",
+            )
     if out_store.exists() and not work_store.exists():
         os.rename(out_store, work_store)  # a finished shard rerun: resume from it
     return work_store
@@ -182,6 +195,7 @@ def _ingest_scan(
             hu_range=settings["hu_range"],
             series_uid=series_uid,
             rescale=rescale,
+            limits=settings["limits"],
         )
         qc = {"scan_id": scan_id, "patient_id": patient_id, **scan_qc(volume)}
         qc["elapsed_s"] = round(time.perf_counter() - started, 3)

@@ -1,7 +1,8 @@
 """Merge the shards' reports into one summary a user can check at a glance.
 
 Outputs in ``out_dir``: ``qc.csv`` and ``failures.csv`` (all shards), ``summary.json``
-(counts, failures by reason, consistency between reports and stores) and ``mosaic.png``.
+(counts, failures by reason, consistency between reports and stores, identical images filed
+under different patients) and ``mosaic.png``.
 
 The mosaic shows, for up to ``mosaic_scans`` scans, the middle axial slice in a
 soft-tissue window (W400/L40: fat dark grey, muscle and organs mid grey, bone white) and
@@ -17,6 +18,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,13 +68,39 @@ def summarize(
         "in_qc_but_not_stored": sorted(reported - stored),
         "stored_but_not_in_qc": sorted(stored - reported),
         "mosaic_scans": mosaic_ids,
+        "identical_images_across_patients": identical_images_across_patients(store),
     }
+    for group in summary["identical_images_across_patients"]:
+        print(
+            f"warning: identical images filed under {len(group['patient_ids'])} patients "
+            f"(scans {', '.join(group['scan_ids'])}): a duplicate export or a mix-up; "
+            "such scans can leak across splits",
+            file=sys.stderr,
+        )
     write_csv_atomically(qc, out_dir / "qc.csv")
     write_csv_atomically(failures, out_dir / "failures.csv")
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     png = mosaic_png(store, mosaic_ids)
     atomic_write_bytes(out_dir / "mosaic.png", png)
     return summary
+
+
+def identical_images_across_patients(store: VolumeStore | None) -> list[dict[str, Any]]:
+    """Groups of stored scans whose source images are byte-identical (same content
+    fingerprint, ``source_sha256``) but filed under more than one patient."""
+    if store is None:
+        return []
+    by_content: dict[str, list[str]] = {}
+    for scan_id in store.scan_ids:
+        fingerprint = store.attrs(scan_id).get("source_sha256")
+        if fingerprint:
+            by_content.setdefault(fingerprint, []).append(scan_id)
+    groups = []
+    for scan_ids in by_content.values():
+        patients = sorted({store.patient_id(s) for s in scan_ids})
+        if len(patients) > 1:
+            groups.append({"scan_ids": sorted(scan_ids), "patient_ids": patients})
+    return sorted(groups, key=lambda group: group["scan_ids"])
 
 
 def mosaic_png(store: VolumeStore | None, scan_ids: Sequence[str]) -> bytes:

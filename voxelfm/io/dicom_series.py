@@ -16,12 +16,18 @@ So the geometry comes from the per-slice headers, read here with pydicom:
   sheared (non-orthogonal) direction matrix that ``to_canonical`` resamples away. A warning
   records the tilt angle.
 
-Error messages name the folder and slice numbers, never slice file names: scanners often
-name files by their SOPInstanceUID.
+A DICOM file in the folder that GDCM leaves out of the series because it is damaged,
+truncated or has no pixel data is reported as what it is (before any geometry check, which
+would otherwise see its absence as a missing slice).
+
+Error messages name the folder and slice numbers, and a file by its name only when the name
+is not a DICOM UID: scanners often name files by their SOPInstanceUID.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,7 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from voxelfm.errors import InputError
+from voxelfm.io.geometry import DEFAULT_LIMITS, GeometryLimits
 from voxelfm.io.sitk_errors import itk_error_reason
 
 MISSING_SLICE_GAP_RATIO = 1.5
@@ -58,15 +65,20 @@ class DicomSeries:
     warnings: list[str]
 
 
-def read_dicom_series(folder: Path, series_uid: str | None = None) -> DicomSeries:
-    """Read the CT series in ``folder`` (or the one with ``series_uid``) as float32 HU."""
+def read_dicom_series(
+    folder: Path, series_uid: str | None = None, limits: GeometryLimits = DEFAULT_LIMITS
+) -> DicomSeries:
+    """Read the CT series in ``folder`` (or the one with ``series_uid``) as float32 HU;
+    a geometry outside ``limits`` is refused before the pixels are decoded."""
     files = _series_files(folder, series_uid)
+    _check_left_out_files(folder, files)
     headers = [_read_header(folder, f, k, len(files)) for k, f in enumerate(files)]
     _check_modality(folder, headers)
     _check_consistent_slices(folder, headers)
     order, direction, spacing, warnings = _slice_geometry(folder, headers)
     files = [files[k] for k in order]
     first = headers[order[0]]
+    limits.check(folder, (int(first.Columns), int(first.Rows), len(files)), spacing)
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
@@ -86,6 +98,19 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> DicomSerie
     return DicomSeries(image=image, files=files, warnings=warnings)
 
 
+# A series UID is an identifier: manifests derived by this tool carry this pseudonymous
+# reference to it instead, which still picks the series in its folder.
+SERIES_REFERENCE_PREFIX = "sha256:"
+
+
+def series_reference(series_uid: str) -> str:
+    """The pseudonymous reference of a SeriesInstanceUID ("sha256:<hex>"), kept as is when
+    it already is one."""
+    if series_uid.startswith(SERIES_REFERENCE_PREFIX):
+        return series_uid
+    return SERIES_REFERENCE_PREFIX + hashlib.sha256(series_uid.strip().encode()).hexdigest()
+
+
 def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
@@ -100,12 +125,80 @@ def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
             f"holds {len(series_ids)} DICOM series (with {', '.join(map(str, counts))} files); "
             "point at a folder holding one series or pass series_uid",
         )
-    if series_uid is not None and series_uid not in series_ids:
-        raise InputError(
-            folder, f"has no series with the given series_uid (it holds {len(series_ids)})"
-        )
+    if series_uid is not None:
+        wanted = series_reference(series_uid)
+        matching = [uid for uid in series_ids if series_reference(uid) == wanted]
+        if not matching:
+            raise InputError(
+                folder, f"has no series with the given series_uid (it holds {len(series_ids)})"
+            )
+        series_uid = matching[0]
     uid = series_uid or series_ids[0]
     return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+
+
+_UID_LIKE_NAME = re.compile(r"[0-9]+(\.[0-9]+){3,}(\.dcm)?", re.IGNORECASE)
+
+
+def _check_left_out_files(folder: Path, series_files: list[Path]) -> None:
+    """Refuse when a DICOM file of the folder was left out of the series for being damaged,
+    truncated or without pixel data; files of other series and non-DICOM files are ignored."""
+    in_series = {f.resolve() for f in series_files}
+    candidates = sorted(p for p in folder.iterdir() if p.is_file())
+    if len(candidates) == len(series_files):
+        return
+    series_uid = _series_uid_of(series_files[0])
+    for position, file in enumerate(candidates, start=1):
+        if file.resolve() in in_series or not _looks_like_dicom(file):
+            continue
+        label = _file_label(file, position, len(candidates))
+        try:
+            dataset = pydicom.dcmread(file, defer_size="1 KB")
+            if series_uid and dataset.get("SeriesInstanceUID") not in (None, series_uid):
+                continue  # another series' file
+            if "Rows" not in dataset or "Columns" not in dataset:
+                raise InputError(
+                    folder,
+                    f"slice file {label} is truncated or damaged: its header ends before "
+                    "the image attributes",
+                )
+            if "PixelData" not in dataset:
+                raise InputError(folder, f"slice file {label} has no pixel data")
+            expected = int(dataset.Rows) * int(dataset.Columns) * int(dataset.BitsAllocated) // 8
+            found = len(dataset.PixelData)
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 -- pydicom raises many types on bad bytes
+            raise InputError(
+                folder,
+                f"slice file {label} is truncated or damaged ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:120]})",
+            ) from None
+        if found < expected:
+            raise InputError(
+                folder,
+                f"slice file {label} is truncated: {found} of {expected} bytes of pixel data",
+            )
+
+
+def _looks_like_dicom(file: Path) -> bool:
+    with open(file, "rb") as stream:
+        return stream.read(132)[128:] == b"DICM"
+
+
+def _series_uid_of(file: Path) -> str | None:
+    try:
+        uid = pydicom.dcmread(file, stop_before_pixels=True).get("SeriesInstanceUID")
+    except Exception:  # noqa: BLE001 -- the series reader reports unreadable series files
+        return None
+    return None if uid is None else str(uid)
+
+
+def _file_label(file: Path, position: int, count: int) -> str:
+    """A file's name, or its position when the name is a UID (an identifier)."""
+    if _UID_LIKE_NAME.fullmatch(file.name):
+        return f"#{position} of {count} (by name)"
+    return repr(file.name)
 
 
 def _read_header(folder: Path, file: Path, k: int, n: int) -> pydicom.Dataset:

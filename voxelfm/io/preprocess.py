@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from voxelfm.conventions import DEFAULT_SPACING_MM, HU_MAX, HU_MIN, PREPROCESSING_VERSION
 from voxelfm.errors import InputError
 from voxelfm.io.canonical import CanonicalGrid, to_canonical
-from voxelfm.io.geometry import ras_bounding_box
+from voxelfm.io.geometry import DEFAULT_LIMITS, GeometryLimits, ras_bounding_box
 from voxelfm.io.readers import read_image
 from voxelfm.volume import CanonicalVolume
 
@@ -34,6 +34,7 @@ def preprocess_scan(
     hu_range: tuple[int, int] = (HU_MIN, HU_MAX),
     series_uid: str | None = None,
     rescale: tuple[float, float] | None = None,
+    limits: GeometryLimits = DEFAULT_LIMITS,
 ) -> CanonicalVolume:
     """Read a CT scan and its label maps and put them on the canonical grid.
 
@@ -45,12 +46,13 @@ def preprocess_scan(
     rescale: (slope, intercept) turning the file's values into HU, for files that hold raw
         stored values with the rescale kept elsewhere (the manifest's rescale columns);
         None: the reader's values (after the file's own rescale tags) are HU.
+    limits: plausible voxel sizes and counts, of the files and of the canonical grid.
 
     Returns a CanonicalVolume with int16 image (X, Y, Z) and uint8 labels (uint16 when a
     label value exceeds 255). Raises InputError for unusable files.
     """
     hu_low, hu_high = _check_hu_range(hu_range)
-    image, source_meta = read_image(image_path, series_uid=series_uid)
+    image, source_meta = read_image(image_path, series_uid=series_uid, limits=limits)
     if rescale is not None:
         slope, intercept = (float(v) for v in rescale)
         image = sitk.Cast(image, sitk.sitkFloat32) * slope + intercept
@@ -63,6 +65,7 @@ def preprocess_scan(
         )
 
     grid = CanonicalGrid.covering(image, spacing)
+    limits.check_voxels(image_path, grid.shape, "would resample to")
     hu, _, _ = to_canonical(image, reference=grid, interpolator="linear", pad_value=HU_MIN)
     np.rint(hu, out=hu)
     np.clip(hu, hu_low, hu_high, out=hu)
@@ -72,7 +75,9 @@ def preprocess_scan(
     labels: dict[str, np.ndarray] = {}
     label_meta: dict[str, Any] = {}
     for name, label_path in (label_paths or {}).items():
-        labels[name], label_meta[name] = _canonical_label(name, label_path, image, grid, warnings)
+        labels[name], label_meta[name] = _canonical_label(
+            name, label_path, image, grid, warnings, limits
+        )
 
     meta = {
         **{key: value for key, value in source_meta.items() if key != "warnings"},
@@ -101,8 +106,9 @@ def _canonical_label(
     image: sitk.Image,
     grid: CanonicalGrid,
     warnings: list[str],
+    limits: GeometryLimits,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    label, meta = read_image(label_path)
+    label, meta = read_image(label_path, limits=limits)
     values = sitk.GetArrayViewFromImage(label)
     if not np.array_equal(values, np.rint(values)):
         raise InputError(label_path, "label map holds non-integer values")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,7 @@ def load_published_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint file not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for bad files
-        first_line = next(iter(str(error).splitlines()), type(error).__name__)
-        raise InputError(path, f"not a readable torch checkpoint: {first_line}") from error
+    checkpoint = load_torch_file(path)
 
     submodel = _select_submodel(checkpoint, which, path)
     state_dict = _backbone_state_dict(submodel)
@@ -83,6 +80,31 @@ def load_published_checkpoint(
     _load_strict(model, state_dict, path, description=f"the {preset!r} ViT preset")
     _check_rope_periods(model, path)
     return model.eval()
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """The contents of a torch checkpoint file, loaded safely: tensors and plain containers
+    only (``weights_only=True``), so a file cannot run code. The one loader of every torch
+    file a user hands us (training checkpoints, published and foreign weights).
+
+    Raises InputError naming the file for anything else. Torch's own message is not passed
+    on: it tells the user to retry with the check turned off, which is exactly what a file
+    that fails it must never get.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(path, "file does not exist") from None
+    except Exception as error:  # noqa: BLE001 -- torch raises many unrelated types
+        if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+            reason = (
+                "it holds objects other than tensors and plain containers, which could run "
+                "code when loaded; it is refused"
+            )
+        else:
+            reason = f"damaged, truncated or not a torch checkpoint ({type(error).__name__})"
+        raise InputError(path, f"not a safe weights file: {reason}") from None
 
 
 def save_backbone(

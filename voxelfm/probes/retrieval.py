@@ -32,10 +32,16 @@ N_NEGATIVES = 99
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
 
+def recall_hits(ranks: np.ndarray, ks: Iterable[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
+    """Per query (or trial), whether its positive is ranked within the top k: the values
+    whose mean is :func:`recall_at_k` and whose patient resamples give its interval."""
+    ranks = np.asarray(ranks)
+    return {f"recall@{k}": ranks <= k for k in ks}
+
+
 def recall_at_k(ranks: np.ndarray, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
     """Fraction of queries (or trials) whose positive is ranked within the top k."""
-    ranks = np.asarray(ranks)
-    return {f"recall@{k}": float((ranks <= k).mean()) for k in ks}
+    return {name: float(hits.mean()) for name, hits in recall_hits(ranks, ks).items()}
 
 
 def _patients_with_several_scans(patient_ids: np.ndarray) -> np.ndarray:

@@ -1,8 +1,12 @@
 """Projection head shared by the DINO (CLS) and iBOT (patch) objectives.
 
 MLP -> L2 normalisation -> weight-normalised linear layer onto the prototypes, as in DINO.
-With the weight-norm gain frozen at 1 every prototype is a unit vector, so a logit is the
-cosine similarity between the bottleneck feature and that prototype.
+The last layer's weight is ``g * v / ||v||`` row by row. The gain ``g`` starts at 1 and, as in
+the VoxelFM reference (``head_weight_norm_gain_trainable``), is trained by default: it sits in
+the optimiser's last-layer group (weight-decayed, frozen during the first epoch like the
+prototypes). With ``trainable_gain=False`` (DINO's ``norm_last_layer``) it stays at 1, every
+prototype is a unit vector and a logit is the cosine similarity between the bottleneck
+feature and that prototype.
 
 State-dict keys match the published VoxelFM checkpoints (``dino_head.*`` / ``ibot_head.*``
 hold ``mlp.{0,2,4}.weight|bias`` and ``last_layer.parametrizations.weight.original0|1``).
@@ -29,6 +33,8 @@ class DINOHead(nn.Module):
         n_layers: linear layers in the MLP before the bottleneck (3).
         hidden_dim: width of the hidden MLP layers (2048).
         bottleneck_dim: width of the normalised bottleneck (256).
+        trainable_gain: train the weight-norm gain of the prototype layer (the reference's
+            default); False freezes it at 1 so logits stay cosines in [-1, 1].
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class DINOHead(nn.Module):
         n_layers: int = 3,
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
+        trainable_gain: bool = True,
     ):
         super().__init__()
         if n_layers < 1:
@@ -57,10 +64,10 @@ class DINOHead(nn.Module):
 
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, n_prototypes, bias=False))
         gain = self.last_layer.parametrizations.weight.original0  # (K, 1), DINO's weight_g
-        # DINO found a frozen unit gain stabilises training; the logits then stay cosine
-        # similarities, bounded in [-1, 1] before the temperature.
         gain.data.fill_(1.0)
-        gain.requires_grad_(False)
+        # A trainable gain lets each prototype scale its logits beyond the cosine's [-1, 1],
+        # which the teacher temperature otherwise has to do alone; DINO froze it for stability.
+        gain.requires_grad_(trainable_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_dim) features -> (..., n_prototypes) logits."""

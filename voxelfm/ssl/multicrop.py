@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.extract.normalisation import standardise_hu
+from voxelfm.hu import standardise_hu
 
 Triple = tuple[int, int, int]
 

@@ -38,8 +38,9 @@ def build_param_groups(
     (num_layers + 1 - layer_id)``, times ``patch_embed_lr_mult`` for the patch embedding;
     head parameters get 1. Biases, norm weights, LayerScale gammas (every parameter of at
     most one dimension) and learned tokens get ``wd_multiplier = 0``. Parameters of a module
-    named ``last_layer`` (the heads' prototypes) are flagged ``is_last_layer``. Frozen
-    parameters (e.g. the heads' weight-norm gain) are left out.
+    named ``last_layer`` (the heads' prototypes and their weight-norm gain, which is
+    weight-decayed like them) are flagged ``is_last_layer``. Frozen parameters (e.g. a gain
+    frozen with ``head_weight_norm_gain_trainable: false``) are left out.
 
     Parameters with equal settings share a group, in order of first appearance, so the
     optimiser state of a checkpoint lines up on resume.

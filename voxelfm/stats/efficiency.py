@@ -14,7 +14,7 @@ import pandas as pd
 
 from voxelfm.probes.fitted import FittedProbe
 from voxelfm.probes.registry import evaluate
-from voxelfm.probes.splits import subsample_patients
+from voxelfm.splits import subsample_patients
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
 

@@ -3,13 +3,14 @@
 The scan group is built under a hidden temporary name in the same store and renamed to
 ``<scan_id>`` once complete (see ``layout``). A process killed mid-write leaves only a
 ``.partial-*`` directory, which readers never list and ``remove_partial_scans`` deletes.
-The rename is atomic on POSIX file systems; files are not fsynced, so the guarantee covers
-killed processes, not power loss.
+The rename is atomic on POSIX file systems, and the group's files are fsynced before it and
+the store folder after it, so a committed scan also survives a power loss.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import sys
@@ -41,6 +42,7 @@ from voxelfm.store.layout import (
     is_safe_name,
     list_partial_scans,
 )
+from voxelfm.utils.atomic import fsync_folder, fsync_tree
 from voxelfm.utils.jsonable import to_jsonable
 from voxelfm.volume import CanonicalVolume
 
@@ -63,9 +65,48 @@ _PROVENANCE_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Root-group attribute marking a folder as a shard store this tool created: only such a
+# folder is ever renamed, resumed into or pruned (a tool never deletes what it did not make).
+STORE_MARKER = "voxelfm_shard_store"
+
+
 def open_store_for_writing(store_path: str | os.PathLike) -> zarr.Group:
-    """The root group of a shard store, created when missing."""
-    return zarr.open_group(Path(store_path), mode="a", zarr_format=3)
+    """The root group of a shard store, created (and marked as ours) when missing."""
+    root = zarr.open_group(Path(store_path), mode="a", zarr_format=3)
+    if STORE_MARKER not in root.attrs:
+        root.attrs[STORE_MARKER] = {"preprocessing_version": PREPROCESSING_VERSION}
+    return root
+
+
+def is_voxelfm_store(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a shard store this tool wrote: its root group carries the
+    marker, or (stores from before the marker) every entry is a scan group this tool wrote
+    or a leftover of an interrupted write."""
+    path = Path(path)
+    root_metadata = _group_attributes(path)
+    if root_metadata is None:
+        return False
+    if STORE_MARKER in root_metadata:
+        return True
+    for entry in path.iterdir():
+        if entry.name == "zarr.json" or entry.name.startswith(PARTIAL_PREFIX):
+            continue
+        attributes = _group_attributes(entry) if entry.is_dir() else None
+        if attributes is None or attributes.get("scan_id") != entry.name:
+            return False
+    return True
+
+
+def _group_attributes(path: Path) -> dict[str, Any] | None:
+    """The attributes of the Zarr v3 group at ``path``, or None when it is not one."""
+    try:
+        metadata = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metadata, dict) or metadata.get("node_type") != "group":
+        return None
+    attributes = metadata.get("attributes", {})
+    return attributes if isinstance(attributes, dict) else None
 
 
 def write_scan(
@@ -246,13 +287,16 @@ def remove_partial_scans(store_path: str | os.PathLike) -> int:
 def _commit(partial: Path, final: Path) -> None:
     # rename() cannot replace a non-empty directory, so an existing scan is first moved aside
     # under a hidden name: readers briefly see no scan, never a half-written one.
+    fsync_tree(partial)
     if final.exists():
         doomed = final.with_name(f"{PARTIAL_PREFIX}replaced-{final.name}.{uuid.uuid4().hex}")
         os.rename(final, doomed)
         os.rename(partial, final)
+        fsync_folder(final.parent)
         shutil.rmtree(doomed, ignore_errors=True)
     else:
         os.rename(partial, final)
+        fsync_folder(final.parent)
 
 
 def _as_label_dtype(label: np.ndarray, scan_id: str, name: str) -> np.ndarray:

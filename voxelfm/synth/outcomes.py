@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.probes.splits import make_patient_split
+from voxelfm.splits import make_patient_split
 from voxelfm.synth.anatomy import LABELS, Lesion, Phantom
 from voxelfm.synth.protocol import ScanPlan
 from voxelfm.synth.render import RenderedScan

@@ -64,9 +64,11 @@ def save_checkpoint(folder: Path, iteration: int, state: dict[str, Any], max_to_
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint safely (tensors and plain containers only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(path, "checkpoint file does not exist") from None
-    except Exception as err:  # noqa: BLE001 -- corrupt or foreign file: say which and why
-        raise InputError(path, f"not a readable VoxelFM checkpoint ({type(err).__name__}: {err})") from None
+    from voxelfm.models.weights import load_torch_file
+
+    if not Path(path).is_file():
+        raise InputError(path, "checkpoint file does not exist")
+    state = load_torch_file(path)
+    if not isinstance(state, dict) or "model" not in state:
+        raise InputError(path, "not a VoxelFM training checkpoint (no model state)")
+    return state

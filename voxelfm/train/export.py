@@ -32,7 +32,7 @@ def export_teacher_backbone(run_dir: str | os.PathLike, out_dir: str | os.PathLi
     cfg = yaml.safe_load(config_path.read_text())
     state = load_checkpoint(run_dir / FINAL_CHECKPOINT)["model"]
     backbone_state = {
-        key[len(_TEACHER_BACKBONE):]: value
+        key[len(_TEACHER_BACKBONE) :]: value
         for key, value in state.items()
         if key.startswith(_TEACHER_BACKBONE)
     }

@@ -145,7 +145,9 @@ class MetricsLog:
                     writer.writerows(rows)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(Path(folder) / "tensorboard"), purge_step=start_iteration + 1)
+        self._writer = SummaryWriter(
+            log_dir=str(Path(folder) / "tensorboard"), purge_step=start_iteration + 1
+        )
 
     def log(self, iteration: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -190,7 +192,7 @@ def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
         ax.grid(alpha=0.3)
         if column in ("lr", "loss_total", "loss_dino", "loss_ibot") and (frame[column] > 0).all():
             ax.set_yscale("log")
-    for ax in list(axes.flat)[len(columns):]:
+    for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     fig.suptitle("VoxelFM pretraining", fontsize=12)
     fig.tight_layout()

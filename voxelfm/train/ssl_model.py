@@ -49,6 +49,7 @@ def _build_head(embed_dim: int, head_cfg: Mapping[str, Any]) -> DINOHead:
         n_layers=head_cfg["head_nlayers"],
         hidden_dim=head_cfg["head_hidden_dim"],
         bottleneck_dim=head_cfg["head_bottleneck_dim"],
+        trainable_gain=head_cfg["head_weight_norm_gain_trainable"],
     )
 
 
@@ -159,9 +160,7 @@ class SelfDistillationModel(nn.Module):
         )
 
         masked_student = student_global.x_norm_patchtokens[masks]  # (M, D)
-        ibot = self.ibot_loss(
-            self.student[self.ibot_head_key](masked_student), ibot_probs, masks
-        )
+        ibot = self.ibot_loss(self.student[self.ibot_head_key](masked_student), ibot_probs, masks)
 
         # One KoLeo term per global view, so two crops of a scan are never neighbours.
         student_cls = student_global.x_norm_clstoken.reshape(N_GLOBAL_CROPS, batch, -1)

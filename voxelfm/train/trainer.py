@@ -27,7 +27,7 @@ from voxelfm.errors import VoxelFMError
 from voxelfm.models.vision_transformer import layer_id_for_param
 from voxelfm.ssl.ema import update_teacher_
 from voxelfm.ssl.param_groups import apply_schedule, build_param_groups
-from voxelfm.ssl.schedules import SSLSchedules, WarmupCosineSchedule
+from voxelfm.ssl.schedules import SSLSchedules, WarmupCosineSchedule, sqrt_batch_scaled_lr
 from voxelfm.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -84,14 +84,19 @@ def build_schedules(cfg: Mapping[str, Any]) -> SSLSchedules:
     lr = sched["lr"]
     peak_lr = lr["peak"]
     if cfg["optim"]["scaling_rule"] == "sqrt_wrt_1024":
-        peak_lr *= (cfg["train"]["total_batch_size"] / 1024) ** 0.5
+        peak_lr = sqrt_batch_scaled_lr(peak_lr, cfg["train"]["total_batch_size"])
     temp = sched["teacher_temp"]
     return SSLSchedules(
         lr=cosine(lr["start"], peak_lr, lr["end"], lr["warmup_epochs"]),
-        weight_decay=cosine(sched["weight_decay"]["start"], sched["weight_decay"]["start"],
-                            sched["weight_decay"]["end"], 0),
-        teacher_momentum=cosine(sched["momentum"]["start"], sched["momentum"]["start"],
-                                sched["momentum"]["end"], 0),
+        weight_decay=cosine(
+            sched["weight_decay"]["start"],
+            sched["weight_decay"]["start"],
+            sched["weight_decay"]["end"],
+            0,
+        ),
+        teacher_momentum=cosine(
+            sched["momentum"]["start"], sched["momentum"]["start"], sched["momentum"]["end"], 0
+        ),
         # Warm up to the peak, then hold it: the cosine runs from peak to peak.
         teacher_temp=cosine(temp["start"], temp["peak"], temp["peak"], temp["warmup_epochs"]),
         freeze_last_layer_iters=int(lr["freeze_last_layer_epochs"] * per_epoch),
@@ -265,7 +270,9 @@ class Pretrainer:
             sums["loss_koleo"] += float(outputs.koleo) / len(micro_batches)
 
         if not math.isfinite(sums["loss_total"]):
-            raise VoxelFMError(f"training diverged at iteration {iteration + 1}: loss is not finite")
+            raise VoxelFMError(
+                f"training diverged at iteration {iteration + 1}: loss is not finite"
+            )
         grad_norms = []
         clip = self.cfg["optim"]["clip_grad"]
         for module in self.model.student.values():  # per submodule, as dinov2 clips
@@ -289,7 +296,9 @@ class Pretrainer:
             metrics.update(embedding_collapse_stats(outputs.teacher_cls))
         return metrics
 
-    def run(self, micro_batches: Iterator[Mapping[str, torch.Tensor]], stop_at: int | None = None) -> int:
+    def run(
+        self, micro_batches: Iterator[Mapping[str, torch.Tensor]], stop_at: int | None = None
+    ) -> int:
         """Train from the resumed iteration to the end (or to ``stop_at``); returns the
         iteration reached. ``micro_batches`` must start at micro-batch
         ``start_iteration * accum`` of the data order."""
@@ -300,8 +309,14 @@ class Pretrainer:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=end, initial=self.start_iteration, desc="pretrain", unit="it",
-                       dynamic_ncols=True, mininterval=2.0)
+            bar = tqdm(
+                total=end,
+                initial=self.start_iteration,
+                desc="pretrain",
+                unit="it",
+                dynamic_ncols=True,
+                mininterval=2.0,
+            )
         period = self.cfg["checkpointing"]["period_iterations"]
         log_period = self.cfg["monitoring"]["log_period_iterations"]
         samples_per_step = self.cfg["train"]["total_batch_size"]
@@ -338,4 +353,3 @@ class Pretrainer:
                 bar.close()
             log.close()
         return iteration
-

@@ -1,7 +1,11 @@
-"""Atomic file and folder writes: a reader (or a rerun) never sees a half-written output.
+"""Atomic, durable file and folder writes: a reader (or a rerun) never sees a half-written
+output, and an output that was renamed into place survives a power loss.
 
 Everything is written under a temporary name in the destination's own folder (same
 filesystem, so the final ``os.replace`` is atomic) and renamed into place only when complete.
+The new bytes are fsynced before the rename (else the rename can reach the disk before the
+data, leaving a complete-looking empty file), and the folder after it (else the rename
+itself can be lost).
 """
 
 from __future__ import annotations
@@ -39,16 +43,45 @@ def atomic_path(destination: str | os.PathLike, *, suffix: str = "") -> Iterator
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
+        fsync_tree(tmp)
         os.replace(tmp, destination)
+        fsync_folder(destination.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the entries of ``folder`` (creations, renames) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync a file, or every file and folder under a folder (the folder itself last)."""
+    path = Path(path)
+    if path.is_dir():
+        for folder, _, files in os.walk(path, topdown=False):
+            for name in files:
+                _fsync_file(Path(folder) / name)
+            fsync_folder(folder)
+    else:
+        _fsync_file(path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(destination: str | os.PathLike, payload: bytes) -> None:
     with atomic_path(destination) as tmp, open(tmp, "wb") as handle:
         handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def atomic_write_text(destination: str | os.PathLike, text: str) -> None:
@@ -77,14 +110,17 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
+        fsync_tree(tmp)
         if destination.exists():
             old = destination.with_name(f".{destination.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(destination, old)
             os.replace(tmp, destination)
+            fsync_folder(destination.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, destination)
+            fsync_folder(destination.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

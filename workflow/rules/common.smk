@@ -2,8 +2,10 @@
 import json
 import os
 import re
-import shlex
 from pathlib import Path
+
+from voxelfm.config_checks import adapter_root, dataset_problems, task_problems
+from voxelfm import versions  # each rule's `version` param (docs/contributing.md)
 
 # Every rule calls the `voxelfm` tool of the environment that environment.yml describes
 # (with --sdm conda, environment.post-deploy.sh installs this checkout into it).
@@ -28,20 +30,16 @@ def adapted_dir(dataset):
     return RESULTS / "adapted" / dataset
 
 
-def adapter_command(dataset):
-    """`voxelfm adapt` arguments for a dataset configured with an adapter."""
+def adapter_arguments(dataset):
+    """`voxelfm adapt` arguments for a dataset configured with an adapter (a list: the shell
+    command quotes each item with `{params.x:q}`)."""
     spec = config["datasets"][dataset]["adapter"]
-    root = os.path.expandvars(str(spec["root"]))
-    if "$" in root:
-        raise ValueError(
-            f"datasets.{dataset}.adapter.root {spec['root']!r} names an unset environment "
-            "variable; set it (e.g. VOXELFM_REAL_DATA=../shared/data) or edit the config"
-        )
-    options = " ".join(
-        f"--option {shlex.quote(f'{key}={value}')}"
-        for key, value in sorted(spec["options"].items())
-    )
-    return f"{spec['name']} --root {shlex.quote(root)} --seed {spec['seed']} {options}"
+    # adapter_root names the config's own environment variable when it is unset
+    root = adapter_root(dataset, spec)
+    arguments = [spec["name"], "--root", root, "--seed", str(spec["seed"])]
+    for key, value in sorted(spec["options"].items()):
+        arguments += ["--option", f"{key}={value}"]
+    return arguments
 
 
 def manifest_source(wildcards):
@@ -56,8 +54,9 @@ def manifest_source(wildcards):
 
 
 def as_cli_json(value):
-    """A config value passed on the command line: compact JSON, quoted for the shell."""
-    return f"'{json.dumps(value, separators=(',', ':'), sort_keys=True)}'"
+    """A config value passed on the command line as compact JSON; the shell command quotes it
+    with `{params.x:q}` (shlex.quote), never by hand."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def pretrain_stores():
@@ -120,8 +119,13 @@ def task_settings(task):
     return {k: v for k, v in EVALUATION["tasks"][task].items() if k != "dataset"}
 
 
-def embedding_store(backbone, dataset=EVAL_DATASET):
-    return RESULTS / "embeddings" / backbone / f"{dataset}.zarr"
+def embedding_shard_store(backbone, dataset, shard):
+    return RESULTS / "embeddings" / backbone / dataset / f"shard_{shard}.zarr"
+
+
+def embedding_stores(backbone, dataset=EVAL_DATASET):
+    """The embedding stores of every shard of a dataset (read together as one store)."""
+    return [embedding_shard_store(backbone, dataset, shard) for shard in SHARDS]
 
 
 def label_table(dataset=EVAL_DATASET):
@@ -138,6 +142,15 @@ def label_table(dataset=EVAL_DATASET):
     )
 
 
+def label_tables(wildcards):
+    """The dataset's label table as a list (empty when it has none): checked for patient
+    leakage across splits as soon as the manifest is validated."""
+    spec = config["datasets"][wildcards.dataset]
+    if any(key in spec for key in ("labels", "synthetic", "adapter")):
+        return [label_table(wildcards.dataset)]
+    return []
+
+
 def probe_result(task, backbone):
     return RESULTS / "evaluation" / task / backbone
 
@@ -150,16 +163,17 @@ def extraction_options(backbone):
         **EVALUATION["backbones"][backbone].get("extraction", {}),
     }
     flags = [
-        f"--mode {options['mode']}",
-        f"--overlap {options['overlap']}",
-        f"--batch-size {options['batch_size']}",
-        f"--precision {options['precision']}",
+        *("--mode", str(options["mode"])),
+        *("--overlap", str(options["overlap"])),
+        *("--batch-size", str(options["batch_size"])),
+        *("--precision", str(options["precision"])),
     ]
     if options["window"] is not None:
-        flags.append(f"--window {options['window']}")
+        flags += ["--window", str(options["window"])]
     if options["max_patches"] is not None:
-        flags.append(f"--max-patches {options['max_patches']}")
-    return " ".join(flags)
+        flags += ["--max-patches", str(options["max_patches"])]
+    # A list: the shell command quotes each item with `{params.x:q}`.
+    return flags
 
 
 def evaluation_enabled():
@@ -180,3 +194,27 @@ wildcard_constraints:
     backbone=r"[A-Za-z0-9_\-]+",
     task=r"[A-Za-z0-9_\-]+",
     shard=r"\d{3}",
+
+
+def existing_label_tables():
+    """Dataset -> its label table, for the datasets that have one (it may not exist yet)."""
+    tables = {}
+    for dataset in DATASETS:
+        try:
+            tables[dataset] = label_table(dataset)
+        except ValueError:
+            tables[dataset] = None
+    return tables
+
+
+def check_config_before_jobs():
+    """Everything about the config that can be checked before a job runs (roots, manifests
+    and their images, probe names, label columns): one line per problem."""
+    problems = dataset_problems(config["datasets"])
+    if evaluation_enabled():
+        problems += task_problems(config, existing_label_tables())
+    if problems:
+        raise ValueError("the config has problems:\n" + "\n".join(problems))
+
+
+check_config_before_jobs()

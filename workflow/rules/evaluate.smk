@@ -4,13 +4,15 @@
 
 
 rule embed:
+    # One job per (backbone, dataset, shard): N GPUs embed N shards at once. The probes read
+    # the union of a dataset's shard stores (voxelfm.extract.EmbeddingStore).
     input:
-        stores=lambda wc: shard_stores(wc.dataset),
+        stores=RESULTS / "data" / "{dataset}" / "zarr" / "shard_{shard}.zarr",
         backbone=backbone_inputs,
     output:
-        directory(RESULTS / "embeddings" / "{backbone}" / "{dataset}.zarr"),
+        directory(embedding_shard_store("{backbone}", "{dataset}", "{shard}")),
     log:
-        LOGS / "embed" / "{backbone}" / "{dataset}.log",
+        LOGS / "embed" / "{backbone}" / "{dataset}" / "shard_{shard}.log",
     conda:
         CONDA_ENV
     threads: 2
@@ -20,17 +22,19 @@ rule embed:
         mem_mb=8000,
         runtime=60,
     params:
+        version=versions.EMBED_VERSION,
         spec=lambda wc: as_cli_json(backbone_spec(wc.backbone)),
         options=lambda wc: extraction_options(wc.backbone),
     shell:
-        "voxelfm embed --stores {input.stores} --backbone {wildcards.backbone}"
-        " --spec {params.spec} --out {output} {params.options} --threads {threads}"
-        " > {log} 2>&1"
+        "voxelfm embed --stores {input.stores:q} --backbone {wildcards.backbone:q}"
+        " --spec {params.spec:q} --out {output:q} {params.options:q} --threads {threads}"
+        " --allow-empty"
+        " > {log:q} 2>&1"
 
 
 rule probe:
     input:
-        embeddings=lambda wc: embedding_store(wc.backbone, task_dataset(wc.task)),
+        embeddings=lambda wc: embedding_stores(wc.backbone, task_dataset(wc.task)),
         labels=lambda wc: label_table(task_dataset(wc.task)),
     output:
         directory(RESULTS / "evaluation" / "{task}" / "{backbone}"),
@@ -45,17 +49,20 @@ rule probe:
         mem_mb=4000,
         runtime=30,
     params:
+        version=lambda wc: versions.PROBE_VERSIONS[
+            EVALUATION["tasks"][wc.task]["category"]
+        ],
         task=lambda wc: as_cli_json(task_settings(wc.task)),
         bootstrap=as_cli_json(EVALUATION["bootstrap"]),
     shell:
-        "OMP_NUM_THREADS={threads} voxelfm probe --embeddings {input.embeddings}"
-        " --labels {input.labels} --task-name {wildcards.task} --task {params.task}"
-        " --bootstrap {params.bootstrap} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} voxelfm probe --embeddings {input.embeddings:q}"
+        " --labels {input.labels:q} --task-name {wildcards.task:q} --task {params.task:q}"
+        " --bootstrap {params.bootstrap:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule probe_dense:
     input:
-        embeddings=lambda wc: embedding_store(wc.backbone, task_dataset(wc.task)),
+        embeddings=lambda wc: embedding_stores(wc.backbone, task_dataset(wc.task)),
         labels=lambda wc: label_table(task_dataset(wc.task)),
         stores=lambda wc: shard_stores(task_dataset(wc.task)),
         manifest=lambda wc: dataset_dir(task_dataset(wc.task)) / "manifest.csv",
@@ -76,13 +83,16 @@ rule probe_dense:
         mem_mb=8000,
         runtime=60,
     params:
+        version=lambda wc: versions.PROBE_VERSIONS[
+            EVALUATION["tasks"][wc.task]["category"]
+        ],
         task=lambda wc: as_cli_json(task_settings(wc.task)),
         bootstrap=as_cli_json(EVALUATION["bootstrap"]),
     shell:
-        "OMP_NUM_THREADS={threads} voxelfm probe --embeddings {input.embeddings}"
-        " --labels {input.labels} --task-name {wildcards.task} --task {params.task}"
-        " --bootstrap {params.bootstrap} --volumes {input.stores} --manifest {input.manifest}"
-        " --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} voxelfm probe --embeddings {input.embeddings:q}"
+        " --labels {input.labels:q} --task-name {wildcards.task:q} --task {params.task:q}"
+        " --bootstrap {params.bootstrap:q} --volumes {input.stores:q}"
+        " --manifest {input.manifest:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule aggregate:
@@ -91,7 +101,9 @@ rule aggregate:
     output:
         report(
             directory(RESULTS / "report"),
-            patterns=["{name}.png"],
+            # results.html: every table and the paired comparisons, shown in the report;
+            # the CSVs ride along as downloads.
+            patterns=["{name}.png", "{name}.html", "{name}.csv"],
             category="Results",
             caption="../report/results.rst",
         ),
@@ -100,13 +112,14 @@ rule aggregate:
     conda:
         CONDA_ENV
     params:
-        results=" ".join(
+        version=versions.REPORT_VERSION,
+        results=[
             f"{task}={backbone}={probe_result(task, backbone)}"
             for task in TASKS
             for backbone in BACKBONES
-        ),
-        backbones=" ".join(BACKBONES),
+        ],
+        backbones=BACKBONES,
         bootstrap=as_cli_json(EVALUATION["bootstrap"]),
     shell:
-        "voxelfm report --results {params.results} --backbones {params.backbones}"
-        " --bootstrap {params.bootstrap} --out {output} > {log} 2>&1"
+        "voxelfm report --results {params.results:q} --backbones {params.backbones:q}"
+        " --bootstrap {params.bootstrap:q} --out {output:q} > {log:q} 2>&1"

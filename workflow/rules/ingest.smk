@@ -9,9 +9,10 @@ rule synthesize_cohort:
     conda:
         CONDA_ENV
     params:
+        version=versions.SYNTH_VERSION,
         spec=lambda wc: as_cli_json(config["datasets"][wc.dataset]["synthetic"]),
     shell:
-        "voxelfm synth --out {output} --spec {params.spec} > {log} 2>&1"
+        "voxelfm synth --out {output:q} --spec {params.spec:q} > {log:q} 2>&1"
 
 
 rule adapt_dataset:
@@ -23,22 +24,29 @@ rule adapt_dataset:
     conda:
         CONDA_ENV
     params:
-        command=lambda wc: adapter_command(wc.dataset),
+        version=lambda wc: versions.ADAPTER_VERSIONS.get(
+            config["datasets"][wc.dataset]["adapter"]["name"]
+        ),
+        arguments=lambda wc: adapter_arguments(wc.dataset),
     shell:
-        "voxelfm adapt {params.command} --out {output} > {log} 2>&1"
+        "voxelfm adapt {params.arguments:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule validate_manifest:
     input:
-        manifest_source,
+        manifest=manifest_source,
+        labels=label_tables,
     output:
         RESULTS / "data" / "{dataset}" / "manifest.csv",
     log:
         LOGS / "validate_manifest" / "{dataset}.log",
     conda:
         CONDA_ENV
+    params:
+        version=versions.MANIFEST_VERSION,
     shell:
-        "voxelfm manifest --source {input} --out {output} > {log} 2>&1"
+        "voxelfm manifest --source {input.manifest:q} --labels {input.labels:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule split_manifest:
@@ -54,11 +62,12 @@ rule split_manifest:
     conda:
         CONDA_ENV
     params:
+        version=versions.MANIFEST_VERSION,
         n_shards=N_SHARDS,
         out_dir=lambda wc: dataset_dir(wc.dataset) / "shards",
     shell:
-        "voxelfm split --manifest {input} --shards {params.n_shards} --out-dir {params.out_dir}"
-        " > {log} 2>&1"
+        "voxelfm split --manifest {input:q} --shards {params.n_shards}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule preprocess_shard:
@@ -77,11 +86,12 @@ rule preprocess_shard:
         mem_mb=8000,
         runtime=120,
     params:
+        version=versions.PREPROCESSING_VERSION,
         preprocess=as_cli_json(config["preprocess"]),
     shell:
-        "voxelfm preprocess --shard {input} --store {output.store} --qc {output.qc}"
-        " --failures {output.failures} --params {params.preprocess} --workers {threads}"
-        " > {log} 2>&1"
+        "voxelfm preprocess --shard {input:q} --store {output.store:q} --qc {output.qc:q}"
+        " --failures {output.failures:q} --params {params.preprocess:q} --workers {threads}"
+        " > {log:q} 2>&1"
 
 
 rule summarize_dataset:
@@ -107,6 +117,9 @@ rule summarize_dataset:
         LOGS / "summarize_dataset" / "{dataset}.log",
     conda:
         CONDA_ENV
+    params:
+        version=versions.SUMMARY_VERSION,
+        out_dir=lambda wc: dataset_dir(wc.dataset) / "summary",
     shell:
-        "voxelfm summarize --stores {input.stores} --qc {input.qc} --failures {input.failures}"
-        " --out-dir $(dirname {output.summary}) > {log} 2>&1"
+        "voxelfm summarize --stores {input.stores:q} --qc {input.qc:q}"
+        " --failures {input.failures:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

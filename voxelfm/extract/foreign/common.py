@@ -103,7 +103,9 @@ def read_weight_file(path: str | os.PathLike, model: str, download_hint: str) ->
 
             state: Any = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            from voxelfm.models.weights import load_torch_file
+
+            state = load_torch_file(path)  # one safe loader; never hints at unsafe loading
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001  (any unreadable file is one user-facing line)
@@ -284,6 +286,20 @@ def valid_box(valid: Tensor | None, shape: Sequence[int]) -> tuple[slice, slice,
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         hits = torch.nonzero(mask.any(dim=other)).flatten()
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def foreground_box(x: Tensor, above: float = 0.0) -> tuple[slice, slice, slice]:
+    """MONAI ``CropForeground``'s box (voxels > ``above``, margin 0) of an (a, b, c) array;
+    the whole array when no voxel qualifies (MONAI then keeps the image)."""
+    inside = x > above
+    if not bool(inside.any()):
+        return tuple(slice(0, int(n)) for n in x.shape)  # type: ignore[return-value]
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = torch.nonzero(inside.any(dim=other)).flatten()
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)  # type: ignore[return-value]
 

@@ -326,11 +326,18 @@ class _CosineCodebook(nn.Module):
         self.register_buffer("embed", F.normalize(torch.randn(1, codebook_size, dim), dim=-1))
 
     def forward(self, x: Tensor, chunk: int = 4096) -> Tensor:
-        """(N, d) -> (N, d) codebook rows (as stored: the release keeps them unit-norm)."""
+        """(N, d) -> (N, d) codebook rows, chosen by cosine similarity, returned as stored.
+
+        The original normalises both the tokens and the codebook rows before the argmax
+        (``CosineSimCodebook.forward``: ``l2norm(embed)``); its EMA update leaves trained rows
+        below unit norm, so comparing against the raw rows would favour long rows. The
+        quantised output is the stored row (``F.embedding(embed_ind, embed)``), unnormalised.
+        """
         codebook = self.embed[0]
+        unit_rows = F.normalize(codebook, dim=-1)
         flat = F.normalize(x, dim=-1)
         indices = torch.cat(
-            [(part @ codebook.T).argmax(dim=-1) for part in flat.split(chunk)]
+            [(part @ unit_rows.T).argmax(dim=-1) for part in flat.split(chunk)]
         )  # chunks keep the (N, codebook) similarity matrix small
         return codebook[indices]
 

@@ -43,8 +43,9 @@ Preprocessing (HU on our canonical grid -> the model's (1, 32, 256, 256) in [0, 
    (``intensity: foreground``). ``hu_window: [lo, hi]`` instead clips HU to a display window
    and min-max normalises, imitating M3D-Cap's windowed images.
 4. ``CropForeground`` (MONAI default: the box of voxels > 0 of the normalised image), then
-   ``Resize`` to (32, 256, 256), trilinear, as M3D-Seg's ``Resized`` (M3D-Cap used MONAI's
-   default "area" mode).
+   ``Resize`` to (32, 256, 256), trilinear: M3D-Cap (``m3d_cap_data_prepare.py``) and
+   M3D-Seg both call MONAI ``Resize(..., mode="bilinear")``, which MONAI resolves to
+   trilinear (``align_corners=False``) on a 3D image (checked against MONAI here).
 
 Outputs
 -------
@@ -75,6 +76,7 @@ from voxelfm.extract.foreign.common import (
     AxisMap,
     ForeignExtractor,
     extractor_device,
+    foreground_box,
     foreign_options,
     identity_maps,
     load_encoder_weights,
@@ -269,19 +271,6 @@ def normalise_intensity(hu: Tensor, hu_window: Sequence[float] | None) -> Tensor
     x = torch.minimum(torch.maximum(hu, low), high)
     x = x - x.min()
     return x / x.max().clamp(min=1e-8)
-
-
-def foreground_box(x: Tensor) -> list[slice]:
-    """MONAI ``CropForeground`` box (select x > 0, margin 0) of an (a, b, c) array; all if none."""
-    mask = x > 0
-    if not bool(mask.any()):
-        return [slice(0, int(n)) for n in x.shape]
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = torch.nonzero(mask.any(dim=other)).flatten()
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return box
 
 
 # --- extractor -------------------------------------------------------------------------------

@@ -31,13 +31,17 @@ the 3D inference recipe used with it resizes to 256 x 256 x (up to 64) slices):
   inferior -> superior);
 * intensity: ``hu_window`` [lo, hi] -> clip and scale to [0, 1]; default None = per-volume
   min-max over the real (non-padding) voxels, as RadFM's 3D inference examples do;
-* repeat to 3 channels; trilinear resize (align_corners=False) to ``image_size`` (256) in
-  plane and to the slice count rounded up to a multiple of 4, at most ``max_frames`` (64).
+* repeat to 3 channels; resize with ``F.interpolate``'s default mode, nearest, as the
+  release's 3D collate does (``src/train.py``, ``src/test.py``: ``interpolate(s, size=...)``
+  with no mode; its stored training arrays were zoomed with order 0), to ``image_size``
+  (256) in plane and to the multiple of 4 in [4, ``max_frames``] nearest to the slice
+  count, ties going to the smaller depth (the release's loop keeps the first of equally
+  near candidates). The token geometry treats the resize as ``align_corners=False``
+  scaling, which nearest sampling follows to within half a voxel.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -221,9 +225,11 @@ class RadFMViT3D(nn.Module):
 
 
 def target_depth(slices: int, frame_patch: int = 4, max_frames: int = 64) -> int:
-    """Slice count after resizing: rounded up to a multiple of ``frame_patch``, capped."""
-    rounded = frame_patch * math.ceil(slices / frame_patch)
-    return max(frame_patch, min(rounded, max_frames))
+    """Slice count after resizing, as the release's collate picks it: the multiple of
+    ``frame_patch`` in [frame_patch, max_frames] nearest to ``slices``; on a tie the smaller
+    (its loop over ascending candidates replaces the pick only when strictly nearer)."""
+    candidates = range(frame_patch, max_frames + 1, frame_patch)
+    return min(candidates, key=lambda depth: (abs(depth - slices), depth))
 
 
 def preprocess(
@@ -247,7 +253,7 @@ def preprocess(
         maps[0] = maps[0].flipped(int(sizes[1]))
         maps[1] = maps[1].flipped(int(sizes[0]))
     size = (image_size, image_size, target_depth(int(sizes[2]), frame_patch, max_frames))
-    x = resize_to(x[None], size, maps=maps)[0]
+    x = resize_to(x[None], size, maps=maps, mode="nearest")[0]
     return x.expand(3, -1, -1, -1)
 
 
@@ -365,7 +371,8 @@ def build_radfm(spec: Mapping[str, Any], device: torch.device, precision: str) -
             if hu_window is None
             else f"clip {hu_window} -> [0, 1]",
             "channels": 3,
-            "resize": f"trilinear to {image_size} x {image_size} x 4*ceil(Z/4) (<= {max_frames})",
+            "resize": f"nearest to {image_size} x {image_size} x the multiple of 4 nearest to Z "
+            f"in [4, {max_frames}] (ties down)",
             "source": "chaoyi-wu/RadFM src/Model/RadFM (vit_3d.py, my_embedding_layer.py)",
         },
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.probes.splits import (
+from voxelfm.splits import (
     PatientLeakageError,
     check_patient_level_split,
     make_patient_split,

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from voxelfm.errors import VoxelFMError
 
@@ -113,6 +112,9 @@ def make_patient_split(
 
 def _split_with_strata(items, strata, second_fraction: float, seed: int):
     """``train_test_split`` that also carries the strata of both halves (None if unstratified)."""
+    # Imported here: this base-layer module is read at Snakefile parse time, sklearn is not needed there.
+    from sklearn.model_selection import train_test_split
+
     if strata is None:
         first, second = train_test_split(
             np.asarray(items), test_size=second_fraction, random_state=seed
