@@ -48,7 +48,7 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ct_volumes import FULL_SHAPE, benchmark_volumes
 
-from voxelfm.ssl.multicrop import MultiCropAugmentation, MultiCropConfig
+from voxelfm.ssl.multicrop import MultiCropAugmentation, MultiCropSettings
 from voxelfm.store import (
     DEFAULT_CHUNKS,
     DEFAULT_COMPRESSOR_NAME,
@@ -77,7 +77,7 @@ def crop_plan(
     rng: np.random.Generator, names: list[str], shapes: dict, n_sets: int, recipe: str = "fixed"
 ) -> list:
     """``n_sets`` crop sets: (volume name, [(start, size), ...]); see the module doc."""
-    augmentation = MultiCropAugmentation(MultiCropConfig())
+    augmentation = MultiCropAugmentation(MultiCropSettings())
     plan = []
     for _ in range(n_sets):
         name = names[int(rng.integers(len(names)))]

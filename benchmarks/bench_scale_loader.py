@@ -39,10 +39,10 @@ from bench_training import TARGET_MFU, StepShape, mean_masked_patches, step_flop
 from ct_volumes import read_real_slices, synthetic_ct, tiled_real_ct
 
 from voxelfm.models.vision_transformer import build_vit
-from voxelfm.ssl.data import IBOTMaskingConfig, build_ssl_dataloader
-from voxelfm.ssl.multicrop import MultiCropConfig
+from voxelfm.ssl.data import build_ssl_dataloader
 from voxelfm.store import VolumeStore, write_scan
 from voxelfm.train.config import resolve_ssl_config
+from voxelfm.train.settings import SSLSettings
 from voxelfm.volume import CanonicalVolume
 
 H100_BF16_PEAK = 989e12
@@ -75,15 +75,17 @@ def _cut(volume: np.ndarray, start, size) -> np.ndarray:
     return out
 
 
-def samples_per_second(source, cfg: dict, n_batches: int, batch: int) -> tuple[float, list]:
+def samples_per_second(
+    source, settings: SSLSettings, n_batches: int, batch: int
+) -> tuple[float, list]:
     loader = build_ssl_dataloader(
         source,
-        MultiCropConfig.from_recipe(cfg["crops"]),
+        settings.crops,
         batch_size_per_rank=batch,
         num_workers=0,
         base_seed=0,
         patch_size=14,
-        masking=IBOTMaskingConfig.from_recipe(cfg["ibot"]),
+        masking=settings.ibot.masking,
     )
     stream = iter(loader)
     batches = [next(stream)]  # warm-up: imports, handles, page cache
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # one worker = one core
     shape = tuple(args.shape)
     slices = read_real_slices(args.data_root) if args.kind == "real" else None
-    cfg = resolve_ssl_config({})
+    config = resolve_ssl_config({})
+    settings = SSLSettings.from_config(config)
     with tempfile.TemporaryDirectory(prefix="bench_scale_loader_") as tmp:
         work = Path(tmp)
         store_path, tensors = work / "shard_000.zarr", {}
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         rates, batches = {}, []
         for name, source in sources.items():
-            rates[name], got = samples_per_second(source, cfg, args.batches, args.batch_size)
+            rates[name], got = samples_per_second(source, settings, args.batches, args.batch_size)
             batches += got
 
     print(
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:8s} {rate:10.2f} {1000 / rate:14.1f} {rate / rates['whole']:8.2f}x")
 
     backbone = build_vit("base")
-    step = StepShape.from_config(cfg, backbone)
+    step = StepShape.from_config(config, backbone)
     masked = mean_masked_patches(batches) * step.batch_size / args.batch_size
     flops = step_flops(step, masked)["total"]
     steps_per_s = TARGET_MFU * H100_BF16_PEAK / flops

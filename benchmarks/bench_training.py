@@ -78,9 +78,10 @@ import numpy as np
 import torch
 import yaml
 
-from voxelfm.ssl.data import IBOTMaskingConfig, collate_ssl_batch
+from voxelfm.ssl.data import collate_ssl_batch
 from voxelfm.ssl.masking import BlockMaskGenerator3D
 from voxelfm.train.config import merge_overrides, resolve_ssl_config
+from voxelfm.train.settings import SSLSettings
 from voxelfm.train.trainer import DistributedContext, Pretrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def synthetic_batches(
     global_size, local_size = crops["global_crops_size"], crops["local_crops_size"]
     n_local = crops["local_crops_number"]
     batch_size = cfg["train"]["batch_size_per_gpu"]
-    masking = IBOTMaskingConfig.from_recipe(cfg["ibot"])
+    masking = SSLSettings.from_config(cfg).ibot.masking
     cells = global_size // patch_size
     mask_generator = BlockMaskGenerator3D(
         (cells,) * 3, min_block_patches=masking.min_block_patches, min_aspect=masking.min_aspect

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxelfm.ssl.data import IBOTMaskingConfig, build_ssl_dataloader
-from voxelfm.ssl.multicrop import MultiCropAugmentation, MultiCropConfig
+from voxelfm.ssl.data import build_ssl_dataloader
+from voxelfm.ssl.multicrop import MultiCropAugmentation, MultiCropSettings
 from voxelfm.train.config import resolve_ssl_config
 from voxelfm.train.trainer import DistributedContext, Pretrainer
 
@@ -145,9 +145,9 @@ def training_store() -> InMemoryVolumes:
     )
 
 
-def held_out_crops(cfg) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def held_out_crops(crops: MultiCropSettings) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Global crops of volumes never trained on: (N, 1, G, G, G), identities, volume ids."""
-    augmentation = MultiCropAugmentation(MultiCropConfig.from_recipe(cfg["crops"]))
+    augmentation = MultiCropAugmentation(crops)
     crops, identities, volumes = [], [], []
     for identity in range(N_IDENTITIES):
         for v in range(HELD_OUT_VOLUMES_PER_IDENTITY):
@@ -161,11 +161,11 @@ def held_out_crops(cfg) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     return torch.cat(crops), np.asarray(identities), np.asarray(volumes)
 
 
-def instance_crops(cfg) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def instance_crops(crops: MultiCropSettings) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """New global crops (unseen draws) of the training volumes, labelled by volume: the
     instance task that two crops of one volume teach. Returns crops, volume labels and a
     per-crop id (a crop is never its own neighbour)."""
-    augmentation = MultiCropAugmentation(MultiCropConfig.from_recipe(cfg["crops"]))
+    augmentation = MultiCropAugmentation(crops)
     store = training_store()
     crops, labels = [], []
     for index, scan_id in enumerate(store.scan_ids):
@@ -191,17 +191,17 @@ def nearest_neighbour_accuracy(backbone, crops, identities, volumes) -> float:
 def train_and_probe(work_dir, recipe=RECIPE, log_every: int = 20):
     """Train; returns (DINO losses, {task: (teacher, initial) 1-NN accuracy}) and prints the
     loss and the teacher's per-sample and batch-marginal entropies every ``log_every`` steps."""
-    cfg = resolve_ssl_config(recipe)
-    trainer = Pretrainer(cfg, work_dir, CPU, progress=False)
+    trainer = Pretrainer(resolve_ssl_config(recipe), work_dir, CPU, progress=False)
+    settings = trainer.settings
     initial = copy.deepcopy(trainer.model.teacher["backbone"])
     loader = build_ssl_dataloader(
         training_store(),
-        MultiCropConfig.from_recipe(cfg["crops"]),
-        batch_size_per_rank=cfg["train"]["batch_size_per_gpu"],
+        settings.crops,
+        batch_size_per_rank=settings.train.batch_size_per_gpu,
         num_workers=0,
-        base_seed=cfg["train"]["seed"],
+        base_seed=settings.train.seed,
         patch_size=8,
-        masking=IBOTMaskingConfig.from_recipe(cfg["ibot"]),
+        masking=settings.ibot.masking,
     )
     batches = iter(loader)
     model_forward = trainer.model.forward
@@ -229,7 +229,7 @@ def train_and_probe(work_dir, recipe=RECIPE, log_every: int = 20):
             )
     accuracies = {}
     for task, make in (("texture", held_out_crops), ("instance", instance_crops)):
-        crops, labels, groups = make(cfg)
+        crops, labels, groups = make(settings.crops)
         accuracies[task] = tuple(
             nearest_neighbour_accuracy(backbone, crops, labels, groups)
             for backbone in (trainer.model.teacher["backbone"], initial)

@@ -16,7 +16,7 @@ from conftest import REPO_ROOT
 from io_fixtures import synthetic_ct, write_nifti
 
 import voxelfm
-from voxelfm.api import backbone_spec
+from voxelfm.api import backbone_config
 from voxelfm.errors import VoxelFMError
 from voxelfm.extract.backbones import build_extractor
 
@@ -78,16 +78,16 @@ def test_embed_gives_tokens_with_their_world_geometry(tmp_path):
     ],
 )
 def test_short_backbone_forms(short, kind):
-    assert backbone_spec(short)["kind"] == kind
+    assert backbone_config(short)["kind"] == kind
 
 
 def test_a_folder_or_checkpoint_path_names_its_kind(tmp_path):
-    assert backbone_spec(str(tmp_path)) == {"kind": "voxelfm", "path": str(tmp_path)}
+    assert backbone_config(str(tmp_path)) == {"kind": "voxelfm", "path": str(tmp_path)}
     checkpoint = tmp_path / "teacher_checkpoint.pth"
     checkpoint.write_bytes(b"")
-    assert backbone_spec(str(checkpoint))["kind"] == "published_voxelfm"
+    assert backbone_config(str(checkpoint))["kind"] == "published_voxelfm"
     with pytest.raises(VoxelFMError, match="neither a preset"):
-        backbone_spec(str(tmp_path / "missing"))
+        backbone_config(str(tmp_path / "missing"))
 
 
 def test_random_init_with_the_papers_layerscale_warns_and_the_preset_form_does_not():

@@ -22,7 +22,7 @@ import yaml
 from toy_category import run_train_mean
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.evaluation import BootstrapSettings, TaskSpec, run_task
+from voxelfm.evaluation import BootstrapSettings, EvaluationTask, run_task
 from voxelfm.evaluation.categories import CATEGORIES, TaskCategory, register
 from voxelfm.evaluation.options import convert_options
 from voxelfm.evaluation.results import METRICS_FILE, RANKS_FILE, TASK_FILE
@@ -87,7 +87,9 @@ def train_mean_category():
 
 def test_a_toy_category_runs_through_the_same_dispatch(tmp_path, train_mean_category):
     table, features = cohort()
-    task = TaskSpec.from_config("volume_chance", {"category": "train_mean", "labels": ["target"]})
+    task = EvaluationTask.from_config(
+        "volume_chance", {"category": "train_mean", "labels": ["target"]}
+    )
     assert task.probes == ("train_mean",)  # the declared default
     out = run_task(
         FakeEmbeddings(table, features), table, task, tmp_path / "out", bootstrap=FAST_BOOTSTRAP
@@ -104,20 +106,20 @@ def test_a_toy_category_runs_through_the_same_dispatch(tmp_path, train_mean_cate
     assert summary["n_scans"]["test"] == len(test)
     # Parsing checks the toy's declaration like any other category's.
     with pytest.raises(VoxelFMError, match=r"unknown train_mean probe\(s\) \['ridge'\]"):
-        TaskSpec.from_config(
+        EvaluationTask.from_config(
             "t", {"category": "train_mean", "labels": ["target"], "probes": ["ridge"]}
         )
     with pytest.raises(VoxelFMError, match=r"needs 1 label column"):
-        TaskSpec.from_config("t", {"category": "train_mean", "labels": []})
+        EvaluationTask.from_config("t", {"category": "train_mean", "labels": []})
     with pytest.raises(VoxelFMError, match="takes no options"):
-        TaskSpec.from_config(
+        EvaluationTask.from_config(
             "t", {"category": "train_mean", "labels": ["target"], "options": {"k": 1}}
         )
 
 
 def test_an_unregistered_category_is_refused():
     with pytest.raises(VoxelFMError, match="category must be one of"):
-        TaskSpec.from_config("t", {"category": "train_mean", "labels": ["target"]})
+        EvaluationTask.from_config("t", {"category": "train_mean", "labels": ["target"]})
 
 
 def test_registration_checks_the_declaration(train_mean_category):
@@ -166,7 +168,7 @@ def test_vector_categories_declare_the_metrics_their_probes_report():
 def test_retrieval_reports_recall_at_k_of_its_written_ranks(tmp_path):
     """The metrics the retrieval runner writes are the tested recall_at_k of its ranks."""
     table, features = cohort(seed=1)
-    task = TaskSpec.from_config("repeat", {"category": "retrieval"})
+    task = EvaluationTask.from_config("repeat", {"category": "retrieval"})
     out = run_task(
         FakeEmbeddings(table, features), table, task, tmp_path / "out", bootstrap=FAST_BOOTSTRAP
     )

@@ -17,7 +17,7 @@ from voxelfm.datasets.common import label_statistics, lps_to_ras
 from voxelfm.datasets.ctrate import ABNORMALITIES, LABEL_COLUMNS
 from voxelfm.datasets.osic import visit_targets
 from voxelfm.errors import InputError, VoxelFMError
-from voxelfm.evaluation.tasks import TaskSpec
+from voxelfm.evaluation.tasks import EvaluationTask
 from voxelfm.ingest.manifest import read_manifest
 from voxelfm.io.dicom_write import write_dicom_series
 from voxelfm.io.geometry import ras_affine
@@ -50,7 +50,7 @@ def _check_outputs(result, n_scans: int) -> tuple[pd.DataFrame, pd.DataFrame, di
     assert set(labels["split"]) <= {"train", "val", "test"}
     check_patient_level_split(labels["patient_id"], labels["split"])
     for name, spec in info["tasks"].items():
-        task = TaskSpec.from_config(name, spec)
+        task = EvaluationTask.from_config(name, spec)
         assert set(task.labels) <= set(labels.columns)
     return manifest, labels, info
 

@@ -13,8 +13,9 @@ import torch
 from dense_fakes import FakeEmbeddings, FakeVolumes
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.evaluation.run import BootstrapSettings, DenseContext, run_task
-from voxelfm.evaluation.tasks import TaskSpec
+from voxelfm.evaluation.results import BootstrapSettings, DenseContext
+from voxelfm.evaluation.run import run_task
+from voxelfm.evaluation.tasks import EvaluationTask
 from voxelfm.extract import build_extractor, extract_features
 from voxelfm.io.geometry import LPS_TO_RAS
 from voxelfm.io.preprocess import preprocess_scan
@@ -188,7 +189,7 @@ def test_run_task_writes_metrics_predictions_and_figures(tmp_path):
         s: rng.normal(0, 300, [g * patch for g in grids[i][0].shape[:3]]).astype(np.int16)
         for i, s in enumerate(scan_ids)
     }
-    task = TaskSpec.from_config(
+    task = EvaluationTask.from_config(
         "marked",
         {
             "category": "localisation",
@@ -240,7 +241,7 @@ def test_unknown_option_is_refused(tmp_path):
             "split": ["train", "train", "val", "val", "test", "test"],
         }
     ).assign(x=y[:, 0], y=y[:, 1], z=y[:, 2])
-    task = TaskSpec.from_config(
+    task = EvaluationTask.from_config(
         "t", {"category": "localisation", "labels": ["x", "y", "z"], "options": {"radius": 3}}
     )
     with pytest.raises(VoxelFMError, match="unknown localisation option"):

@@ -15,9 +15,10 @@ from dense_fakes import FakeEmbeddings, FakeVolumes
 from monai.metrics import DiceMetric
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.evaluation.run import BootstrapSettings, DenseContext, run_task
+from voxelfm.evaluation.results import BootstrapSettings, DenseContext
+from voxelfm.evaluation.run import run_task
 from voxelfm.evaluation.segmentation import check_token_alignment
-from voxelfm.evaluation.tasks import TaskSpec
+from voxelfm.evaluation.tasks import EvaluationTask
 from voxelfm.extract.extractor import grid_affine_for
 from voxelfm.io.geometry import LPS_TO_RAS
 from voxelfm.probes.segmentation import (
@@ -204,7 +205,7 @@ def test_run_task_writes_dice_rows_label_maps_and_figures(tmp_path):
     labels = pd.DataFrame(
         {"scan_id": ids, "patient_id": ids, "split": ["train"] * 5 + ["val"] * 2 + ["test"] * 3}
     )
-    task = TaskSpec.from_config(
+    task = EvaluationTask.from_config(
         "organs",
         {
             "category": "segmentation",
@@ -265,10 +266,12 @@ def test_segmentation_needs_a_volume_store_and_a_label_map(tmp_path):
     grids = [(s.tokens, grid_affine_for((1, 1, 1), (0, 0, 0), 2)) for s in scans]
     labels = pd.DataFrame({"scan_id": ids, "patient_id": ids, "split": ["train", "val", "test"]})
     embeddings = FakeEmbeddings(grids, ids, ids, 2)
-    task = TaskSpec.from_config("t", {"category": "segmentation", "options": {"label_map": "seg"}})
+    task = EvaluationTask.from_config(
+        "t", {"category": "segmentation", "options": {"label_map": "seg"}}
+    )
     with pytest.raises(VoxelFMError, match="needs the volume store"):
         run_task(embeddings, labels, task, tmp_path / "r")
-    no_map = TaskSpec.from_config("t", {"category": "segmentation", "options": {"epochs": 1}})
+    no_map = EvaluationTask.from_config("t", {"category": "segmentation", "options": {"epochs": 1}})
     with pytest.raises(VoxelFMError, match="needs options.label_map"):
         run_task(embeddings, labels, no_map, tmp_path / "r", context=DenseContext(volumes=object()))
 
@@ -297,7 +300,7 @@ def test_scans_without_the_label_map_are_left_out_and_reported(tmp_path):
     split = ["train", "train", "train", "val", "val", "test", "test", "train"]
     labels = pd.DataFrame({"scan_id": ids, "patient_id": ids, "split": split})
     options = {"label_map": "seg", "epochs": 1, "width": 8, "n_figures": 0, "device": "cpu"}
-    task = TaskSpec.from_config("organs", {"category": "segmentation", "options": options})
+    task = EvaluationTask.from_config("organs", {"category": "segmentation", "options": options})
     out = run_task(
         embeddings,
         labels,

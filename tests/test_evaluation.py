@@ -17,8 +17,8 @@ from sklearn.metrics import (
 )
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.evaluation import BootstrapSettings, TaskSpec, aggregate, align_task, run_task
-from voxelfm.evaluation.run import METRICS_FILE, PREDICTIONS_FILE, RANKS_FILE, TASK_FILE
+from voxelfm.evaluation import BootstrapSettings, EvaluationTask, aggregate, align_task, run_task
+from voxelfm.evaluation.results import METRICS_FILE, PREDICTIONS_FILE, RANKS_FILE, TASK_FILE
 from voxelfm.splits import PatientLeakageError
 
 FAST_BOOTSTRAP = BootstrapSettings(n_boot=200, seed=0)
@@ -83,16 +83,16 @@ TASKS = {
 
 def test_task_spec_rejects_bad_settings():
     with pytest.raises(VoxelFMError, match="category"):
-        TaskSpec.from_config("t", {"category": "segmentation?", "labels": ["x"]})
+        EvaluationTask.from_config("t", {"category": "segmentation?", "labels": ["x"]})
     with pytest.raises(VoxelFMError, match="2 label column"):
-        TaskSpec.from_config("t", {"category": "survival", "labels": ["time"]})
+        EvaluationTask.from_config("t", {"category": "survival", "labels": ["time"]})
     with pytest.raises(VoxelFMError, match="unknown classification probe"):
-        TaskSpec.from_config(
+        EvaluationTask.from_config(
             "t", {"category": "classification", "labels": ["y"], "probes": ["svm"]}
         )
     with pytest.raises(VoxelFMError, match="unknown setting"):
-        TaskSpec.from_config("t", {"category": "regression", "labels": ["y"], "typo": 1})
-    spec = TaskSpec.from_config("t", {"category": "survival", "labels": ["t", "e"]})
+        EvaluationTask.from_config("t", {"category": "regression", "labels": ["y"], "typo": 1})
+    spec = EvaluationTask.from_config("t", {"category": "survival", "labels": ["t", "e"]})
     assert spec.probes == ("cox", "mlp_cox")
 
 
@@ -101,14 +101,14 @@ def test_leakage_guard_fails_loudly():
     repeated = table[table.patient_id.duplicated(keep=False)].patient_id.iloc[0]
     rows = table.index[table.patient_id == repeated]
     table.loc[rows[0], "split"], table.loc[rows[1], "split"] = "train", "test"
-    task = TaskSpec.from_config("finding", TASKS["finding"])
+    task = EvaluationTask.from_config("finding", TASKS["finding"])
     with pytest.raises(PatientLeakageError, match=repeated):
         align_task(task, table, table.scan_id, table.patient_id)
 
 
 def test_alignment_reports_dropped_scans_and_checks_patients():
     table, _ = make_cohort()
-    task = TaskSpec.from_config("volume", TASKS["volume"])
+    task = EvaluationTask.from_config("volume", TASKS["volume"])
     table.loc[0, "target"] = np.nan
     embedded = table.iloc[:-1]  # the last scan has no embedding
     data = align_task(task, table, embedded.scan_id, embedded.patient_id)
@@ -123,7 +123,7 @@ def test_alignment_reports_dropped_scans_and_checks_patients():
 
 
 def _run(tmp_path, name, table, features, **kwargs):
-    task = TaskSpec.from_config(name, TASKS[name] | kwargs)
+    task = EvaluationTask.from_config(name, TASKS[name] | kwargs)
     out = run_task(
         embeddings_of(table, features), table, task, tmp_path / name, bootstrap=FAST_BOOTSTRAP
     )
@@ -227,7 +227,7 @@ def test_aggregate_report(tmp_path):
     results = {}
     for backbone, feats in (("good", features), ("noise", noise)):
         for name, settings in TASKS.items():
-            task = TaskSpec.from_config(name, settings)
+            task = EvaluationTask.from_config(name, settings)
             results[(name, backbone)] = run_task(
                 embeddings_of(table, feats, backbone=backbone),
                 table,
@@ -255,7 +255,7 @@ def test_aggregate_report(tmp_path):
 
 def test_paired_self_comparison_is_zero(tmp_path):
     table, features = make_cohort()
-    task = TaskSpec.from_config("volume", TASKS["volume"])
+    task = EvaluationTask.from_config("volume", TASKS["volume"])
     results = {
         ("volume", b): run_task(
             embeddings_of(table, features), table, task, tmp_path / b, bootstrap=FAST_BOOTSTRAP
@@ -300,7 +300,7 @@ def _metric_rows(values, metric="r2", category="regression", task="volume"):
 
 
 def test_notes_say_which_backbone_they_belong_to():
-    from voxelfm.evaluation.report import _notes
+    from voxelfm.evaluation.report_tables import _notes
 
     rows = _metric_rows({"a": 0.5, "b": 0.4, "c": 0.3})
     rows["note"] = ["baseline error 46.8 mm", "baseline error 52.1 mm", "baseline error 46.8 mm"]
@@ -313,7 +313,7 @@ def test_notes_say_which_backbone_they_belong_to():
 
 
 def test_overview_is_a_grid_with_off_scale_values_marked():
-    from voxelfm.evaluation.report import plot_overview
+    from voxelfm.evaluation.report_figures import plot_overview
 
     tasks = [f"task{k}" for k in range(7)]
     metrics = pd.concat(

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from voxelfm.extract.backbones import FeatureExtractor, build_extractor
+from voxelfm.extract.backbones import build_extractor
 from voxelfm.extract.extractor import extract_features, window_starts
+from voxelfm.extract.interface import FeatureExtractor
 from voxelfm.io.preprocess import preprocess_scan
 from voxelfm.volume import CanonicalVolume
 
@@ -48,7 +49,7 @@ def test_extraction_is_deterministic(vit, mode):
     first = extract_features(volume, vit, **options)
     second = extract_features(volume, vit, **options)
     assert_same(first, second)
-    rebuilt = build_extractor(vit.spec, "cpu")  # same seed, rebuilt from scratch
+    rebuilt = build_extractor(vit.config, "cpu")  # same seed, rebuilt from scratch
     assert_same(first, extract_features(volume, rebuilt, **options))
 
 
@@ -185,7 +186,7 @@ def test_an_extractor_without_patch_tokens_gives_global_vectors_only(vit):
 
         def __init__(self):
             self.name, self.embed_dim, self.patch_size = "global", 2, None
-            self.device, self.spec = torch.device("cpu"), {"kind": self.kind}
+            self.device, self.config = torch.device("cpu"), {"kind": self.kind}
 
         def forward(self, hu, valid=None):
             flat = hu.flatten(1)

@@ -13,12 +13,12 @@ import zarr
 from voxelfm.cli import main
 from voxelfm.errors import InputError, VoxelFMError
 from voxelfm.extract.backbones import build_extractor
+from voxelfm.extract.embed import embed_store
 from voxelfm.extract.extractor import extract_features
 from voxelfm.extract.store import (
     EmbeddingRecord,
     EmbeddingStore,
     adaptive_avg_pool,
-    embed_store,
     write_embeddings,
 )
 from voxelfm.models.vision_transformer import build_vit
@@ -142,9 +142,9 @@ def test_failed_scans_are_listed_and_all_failed_is_an_error(tmp_path, extractor)
 
 
 def test_embed_store_warns_about_a_failing_scan(shard, tmp_path, monkeypatch, capsys):
-    import voxelfm.extract.extractor as extractor_module
+    import voxelfm.extract.embed as embed_module
 
-    real = extractor_module.extract_features
+    real = embed_module.extract_features
     calls = []
 
     def flaky(volume, *args, **kwargs):
@@ -153,7 +153,7 @@ def test_embed_store_warns_about_a_failing_scan(shard, tmp_path, monkeypatch, ca
             raise ValueError("simulated\nfailure")
         return real(volume, *args, **kwargs)
 
-    monkeypatch.setattr(extractor_module, "extract_features", flaky)
+    monkeypatch.setattr(embed_module, "extract_features", flaky)
     handcrafted = {"kind": "handcrafted", "bins": 8, "patch_size": 8}
     out = embed_store(shard, tmp_path / "hc.zarr", handcrafted, device="cpu", progress=False)
     store = EmbeddingStore(out)

@@ -186,7 +186,7 @@ def test_patch_tokens_land_on_our_axes():
         small_spec(random_weights=True, spacing_mm=0.75, patch_size=20), "cpu"
     )
     config = CTViTConfig(**{**SMALL, "image_size": 80, "frames": 40})
-    extractor.config = config
+    extractor.architecture = config
 
     class Stub(torch.nn.Module):
         def forward(self, x):

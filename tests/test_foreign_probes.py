@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from voxelfm.evaluation.run import BootstrapSettings, DenseContext, run_task
-from voxelfm.evaluation.tasks import TaskSpec
-from voxelfm.extract.store import EmbeddingStore, embed_store
+from voxelfm.evaluation.results import BootstrapSettings, DenseContext
+from voxelfm.evaluation.run import run_task
+from voxelfm.evaluation.tasks import EvaluationTask
+from voxelfm.extract.embed import embed_store
+from voxelfm.extract.store import EmbeddingStore
 from voxelfm.store import VolumeStore
 from voxelfm.store.writer import write_scan
 from voxelfm.volume import CanonicalVolume
@@ -158,7 +160,7 @@ def test_adapter_goes_through_every_category(kind, cohort, tmp_path):
             out = run_task(
                 embeddings,
                 labels,
-                TaskSpec.from_config(name, settings),
+                EvaluationTask.from_config(name, settings),
                 tmp_path / kind / name,
                 bootstrap=BootstrapSettings(n_boot=100),
                 context=context,

@@ -27,6 +27,7 @@ from voxelfm.store import write_scan
 from voxelfm.train.checkpoint import list_checkpoints, load_checkpoint
 from voxelfm.train.config import resolve_ssl_config
 from voxelfm.train.launch import FINAL_CHECKPOINT, launch_pretraining, micro_batches
+from voxelfm.train.settings import SSLSettings
 from voxelfm.train.trainer import DistributedContext, Pretrainer
 from voxelfm.utils import atomic
 from voxelfm.volume import CanonicalVolume
@@ -90,18 +91,20 @@ def test_resume_with_drop_path_and_a_real_dataloader_is_bit_identical(tiny_store
     """The DataLoader iterator draws its worker seed from torch's global generator when it
     starts; a resumed run starts it after restoring the checkpoint's RNG state, so drop path
     must not see that draw."""
-    cfg = resolve_ssl_config(TINY_RECIPE)
-    assert cfg["model"]["drop_path_rate"] > 0 and cfg["train"]["num_workers"] > 0
+    config = resolve_ssl_config(TINY_RECIPE)
+    settings = SSLSettings.from_config(config)
+    assert settings.model.drop_path_rate > 0 and settings.train.num_workers > 0
     torch.set_num_threads(1)
 
-    straight = Pretrainer(cfg, tmp_path / "a", CPU, progress=False)
-    assert straight.run(micro_batches(cfg, [str(tiny_store)], 0, 1, 0)) == 8
+    straight = Pretrainer(config, tmp_path / "a", CPU, progress=False)
+    assert straight.run(micro_batches(settings, [str(tiny_store)], 0, 1, 0)) == 8
 
-    first = Pretrainer(cfg, tmp_path / "b", CPU, progress=False)
-    assert first.run(micro_batches(cfg, [str(tiny_store)], 0, 1, 0), stop_at=3) == 3
-    resumed = Pretrainer(cfg, tmp_path / "b", CPU, progress=False)
+    first = Pretrainer(config, tmp_path / "b", CPU, progress=False)
+    assert first.run(micro_batches(settings, [str(tiny_store)], 0, 1, 0), stop_at=3) == 3
+    resumed = Pretrainer(config, tmp_path / "b", CPU, progress=False)
     assert resumed.start_iteration == 3
-    batches = micro_batches(cfg, [str(tiny_store)], 0, 1, resumed.start_iteration * resumed.accum)
+    start = resumed.start_iteration * resumed.accum
+    batches = micro_batches(settings, [str(tiny_store)], 0, 1, start)
     assert resumed.run(batches) == 8
     assert_same_weights(straight.model.state_dict(), resumed.model.state_dict())
 
@@ -124,7 +127,9 @@ def test_pretraining_killed_at_random_moments_ends_with_identical_weights(tiny_s
     reference = tmp_path / "reference"
     subprocess.run(pretrain_command(tiny_store, reference), check=True, capture_output=True)
     expected = final_weights(reference)
-    total_iterations = resolve_ssl_config(TINY_RECIPE)["train"]["official_epoch_length"] * 2
+    total_iterations = SSLSettings.from_config(
+        resolve_ssl_config(TINY_RECIPE)
+    ).train.total_iterations
 
     rng = random.Random(1234)
     killed = 0
@@ -177,13 +182,13 @@ def test_work_folder_key_changes_with_data_recipe_and_code(tmp_path, monkeypatch
     from voxelfm.train import launch
 
     store = write_tiny_store(tmp_path / "shard_000.zarr", seed=0)
-    cfg = resolve_ssl_config(TINY_RECIPE)
-    key = launch.run_key(cfg, [str(store)])
-    assert key == launch.run_key(cfg, [str(store)])
+    config = resolve_ssl_config(TINY_RECIPE)
+    key = launch.run_key(config, [str(store)])
+    assert key == launch.run_key(config, [str(store)])
     changed_recipe = resolve_ssl_config({**TINY_RECIPE, "model": {"drop_path_rate": 0.2}})
     assert launch.run_key(changed_recipe, [str(store)]) != key
     monkeypatch.setattr(launch, "code_version", lambda: "another version")
-    assert launch.run_key(cfg, [str(store)]) != key
+    assert launch.run_key(config, [str(store)]) != key
 
 
 # ---------------------------------------------------- hole 9: unsafe checkpoint files

@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("probes",),  # probes fitted on frozen features
     ("stats",),  # bootstrap, label efficiency, text metrics, plots
     ("evaluation",),  # task categories, runners, the report
-    ("datasets",),  # public-dataset adapters; they suggest evaluation tasks (TaskSpec)
+    ("datasets",),  # public-dataset adapters; they suggest evaluation tasks (EvaluationTask)
     # entry points: the command line, the Python API, checks the Snakefile runs, tooling
     ("api", "cli", "__main__", "config_checks", "profiles", "devtools"),
 )
@@ -151,7 +151,7 @@ def test_every_exception_is_still_needed():
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("from voxelfm.evaluation.tasks import TaskSpec\n", "voxelfm.evaluation.tasks"),
+        ("from voxelfm.evaluation.tasks import EvaluationTask\n", "voxelfm.evaluation.tasks"),
         ("def f():\n    import voxelfm.cli\n", "voxelfm.cli"),
         ("from voxelfm import api\n", "voxelfm.api"),
         ("from .. import cli\n", "voxelfm.cli"),

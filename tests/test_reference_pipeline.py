@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.extract.backbones import build_extractor, from_input_axes, to_input_axes
+from voxelfm.extract.backbones import build_extractor
 from voxelfm.extract.reference_pipeline import (
     background_box,
     isotropic_size,
@@ -22,6 +22,7 @@ from voxelfm.extract.reference_pipeline import (
     read_stored_array,
     reference_features,
 )
+from voxelfm.extract.vit import from_input_axes, to_input_axes
 from voxelfm.models.vision_transformer import build_vit
 
 MEAN, STD = -573.8, 461.3

@@ -11,14 +11,15 @@ import torch
 
 from voxelfm.errors import InputError, VoxelFMError
 from voxelfm.evaluation.report_generation import METRICS
-from voxelfm.evaluation.run import BootstrapSettings, run_task
-from voxelfm.evaluation.tasks import TaskSpec
+from voxelfm.evaluation.results import BootstrapSettings
+from voxelfm.evaluation.run import run_task
+from voxelfm.evaluation.tasks import EvaluationTask
 from voxelfm.extract.extractor import Features
 from voxelfm.extract.store import EmbeddingRecord, EmbeddingStore, write_embeddings
 from voxelfm.probes.report_generation import (
     DecoderSettings,
     LLMSettings,
-    ReportOptions,
+    ReportSettings,
     ReportTokenizer,
     beam_search,
     fit_decoder,
@@ -169,7 +170,7 @@ def test_llm_probe_trains_lora_and_generates(tiny_llm):
 
 def test_missing_llm_path_is_a_one_line_error(tmp_path):
     with pytest.raises(VoxelFMError, match="llm_path is required") as error:
-        ReportOptions.from_mapping({}, task="reports", probes=("llm",))
+        ReportSettings.from_mapping({}, task="reports", probes=("llm",))
     assert "\n" not in str(error.value)
     x, reports = two_classes(4, seed=0)
     missing = tmp_path / "no_model"
@@ -180,12 +181,12 @@ def test_missing_llm_path_is_a_one_line_error(tmp_path):
 
 def test_options_are_checked():
     with pytest.raises(VoxelFMError, match="unknown key"):
-        ReportOptions.from_mapping({"beams": 2})
+        ReportSettings.from_mapping({"beams": 2})
     with pytest.raises(VoxelFMError, match="beam_size must be an integer"):
-        ReportOptions.from_mapping({"beam_size": 0})
+        ReportSettings.from_mapping({"beam_size": 0})
     with pytest.raises(VoxelFMError, match="not divisible"):
-        ReportOptions.from_mapping({"width": 30, "n_heads": 4})
-    assert ReportOptions.from_mapping({"beam_size": 3}).decoder_settings().beam_size == 3
+        ReportSettings.from_mapping({"width": 30, "n_heads": 4})
+    assert ReportSettings.from_mapping({"beam_size": 3}).decoder_settings().beam_size == 3
 
 
 def test_nearest_neighbour_copies_the_closest_training_report():
@@ -226,7 +227,7 @@ def test_runner_writes_every_metric_with_finite_intervals(tmp_path):
         }
     )
     store = _write_store(tmp_path / "toy.zarr", table)
-    task = TaskSpec.from_config(
+    task = EvaluationTask.from_config(
         "reports",
         {
             "category": "report_generation",

@@ -42,7 +42,7 @@ def _volume(shape, seed):
 def embedded(tmp_path_factory):
     """Two shard stores; their per-shard embedding stores and one store of both."""
     from voxelfm.extract.backbones import build_extractor
-    from voxelfm.extract.store import embed_store
+    from voxelfm.extract.embed import embed_store
     from voxelfm.store import shard_store_name, write_scan
 
     root = tmp_path_factory.mktemp("scatter")
@@ -91,7 +91,8 @@ def test_the_union_of_shard_stores_reads_as_one_store(embedded):
 
 def test_a_union_of_unrelated_stores_is_refused(embedded, tmp_path):
     from voxelfm.errors import InputError
-    from voxelfm.extract.store import EmbeddingStore, embed_store
+    from voxelfm.extract.embed import embed_store
+    from voxelfm.extract.store import EmbeddingStore
 
     parts, whole = embedded
     with pytest.raises(InputError, match="also in"):

@@ -21,6 +21,7 @@ import torch
 
 from voxelfm.ssl.ema import update_teacher_
 from voxelfm.train.config import resolve_ssl_config
+from voxelfm.train.settings import SSLSettings
 from voxelfm.train.ssl_model import SelfDistillationModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,8 @@ def config_from_reference(ref: dict, *, trainable_gain: bool = True) -> dict:
 
 def replay(ref: dict, *, trainable_gain: bool = True):
     """Run the fixture's three steps; returns (per-step losses, step-0 grads, model)."""
-    model = SelfDistillationModel(config_from_reference(ref, trainable_gain=trainable_gain))
+    config = config_from_reference(ref, trainable_gain=trainable_gain)
+    model = SelfDistillationModel(SSLSettings.from_config(config))
     model = model.double()
     model.student.load_state_dict(ref["student_init"])
     model.teacher.load_state_dict(ref["teacher_init"])

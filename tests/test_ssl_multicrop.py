@@ -20,8 +20,9 @@ from voxelfm.ssl.data import (
     encode_sample_key,
 )
 from voxelfm.ssl.masking import BlockMaskGenerator3D
-from voxelfm.ssl.multicrop import MultiCropAugmentation, MultiCropConfig
+from voxelfm.ssl.multicrop import MultiCropAugmentation, MultiCropSettings
 from voxelfm.store import VolumeStore, write_scan
+from voxelfm.train.config import resolve_ssl_config
 from voxelfm.volume import CanonicalVolume
 
 RAMP_SHAPE = (24, 24, 24)
@@ -30,7 +31,7 @@ TINY_SHAPE = (6, 10, 4)
 TINY_HU = 300
 CONSTANT_HU = 150
 
-# Small crops keep every test fast; the recipe's defaults are exercised by the config tests.
+# Small crops keep every test fast; the recipe's defaults are exercised by the settings tests.
 SMALL = {"global_crop_size": 8, "local_crop_size": 4, "n_local_crops": 2}
 
 
@@ -56,8 +57,8 @@ def store(tmp_path_factory) -> VolumeStore:
     return VolumeStore(shard)
 
 
-def as_hu(crop: torch.Tensor, cfg: MultiCropConfig) -> torch.Tensor:
-    return crop * cfg.normalisation_std + cfg.normalisation_mean
+def as_hu(crop: torch.Tensor, settings: MultiCropSettings) -> torch.Tensor:
+    return crop * settings.normalisation_std + settings.normalisation_mean
 
 
 def record_reads(store: VolumeStore, monkeypatch) -> list[tuple[tuple, tuple, tuple]]:
@@ -86,11 +87,11 @@ def record_reads(store: VolumeStore, monkeypatch) -> list[tuple[tuple, tuple, tu
 
 
 @pytest.mark.parametrize(
-    "config",
+    "settings",
     [
-        MultiCropConfig(global_crop_size=16, local_crop_size=8, n_local_crops=3),
-        MultiCropConfig(global_crop_size=12, local_crop_size=6, n_local_crops=0),
-        MultiCropConfig(
+        MultiCropSettings(global_crop_size=16, local_crop_size=8, n_local_crops=3),
+        MultiCropSettings(global_crop_size=12, local_crop_size=6, n_local_crops=0),
+        MultiCropSettings(
             global_crop_size=10,
             local_crop_size=4,
             n_local_crops=5,
@@ -102,19 +103,19 @@ def record_reads(store: VolumeStore, monkeypatch) -> list[tuple[tuple, tuple, tu
     ],
     ids=["recipe-like", "no-local-crops", "anisotropic-padded-noisy"],
 )
-def test_crop_shapes(store, config):
-    crops = MultiCropAugmentation(config)(store, "noise_a", np.random.default_rng(0))
+def test_crop_shapes(store, settings):
+    crops = MultiCropAugmentation(settings)(store, "noise_a", np.random.default_rng(0))
 
-    g, l = config.global_crop_size, config.local_crop_size
+    g, l = settings.global_crop_size, settings.local_crop_size
     assert crops["global_crops"].shape == (2, 1, g, g, g)
-    assert crops["local_crops"].shape == (config.n_local_crops, 1, l, l, l)
+    assert crops["local_crops"].shape == (settings.n_local_crops, 1, l, l, l)
     assert crops["global_crops"].dtype == crops["local_crops"].dtype == torch.float32
     assert torch.isfinite(crops["global_crops"]).all()
 
 
 def test_only_the_planned_regions_are_read(store, monkeypatch):
-    config = MultiCropConfig(**SMALL, aspect_ratio_range=(0.5, 2.0))
-    augmentation = MultiCropAugmentation(config)
+    settings = MultiCropSettings(**SMALL, aspect_ratio_range=(0.5, 2.0))
+    augmentation = MultiCropAugmentation(settings)
     reads = record_reads(store, monkeypatch)
 
     augmentation(store, "noise_b", np.random.default_rng(7))
@@ -127,7 +128,7 @@ def test_only_the_planned_regions_are_read(store, monkeypatch):
 
 
 def test_crops_are_a_pure_function_of_the_generator(store):
-    augmentation = MultiCropAugmentation(MultiCropConfig(**SMALL))
+    augmentation = MultiCropAugmentation(MultiCropSettings(**SMALL))
 
     first = augmentation(store, "noise_a", np.random.default_rng(3))
     again = augmentation(store, "noise_a", np.random.default_rng(3))
@@ -140,7 +141,7 @@ def test_crops_are_a_pure_function_of_the_generator(store):
 
 
 def test_dataset_sample_depends_only_on_seed_epoch_and_scan(store):
-    dataset = SSLDataset(store, MultiCropAugmentation(MultiCropConfig(**SMALL)), base_seed=5)
+    dataset = SSLDataset(store, MultiCropAugmentation(MultiCropSettings(**SMALL)), base_seed=5)
     restarted = pickle.loads(pickle.dumps(dataset))  # as a worker or a new process sees it
     n = len(dataset)
     key = encode_sample_key(epoch=3, scan_index=1, n_scans=n)
@@ -168,7 +169,7 @@ def _recover_orientation(crop: torch.Tensor) -> tuple[tuple[int, ...], tuple[int
 
 
 def test_axis_permutation_and_flips_happen_at_their_probabilities(store):
-    config = MultiCropConfig(
+    settings = MultiCropSettings(
         global_crop_size=8,
         local_crop_size=8,
         n_local_crops=40,
@@ -179,7 +180,7 @@ def test_axis_permutation_and_flips_happen_at_their_probabilities(store):
         local_flip_probability=0.2,
         global_window_probability=(0.0, 0.0),
     )
-    augmentation = MultiCropAugmentation(config)
+    augmentation = MultiCropAugmentation(settings)
     n_permuted, n_flipped, n_local = 0, np.zeros(3), 0
     for seed in range(12):
         crops = augmentation(store, "ramp", np.random.default_rng(seed))
@@ -199,45 +200,45 @@ def test_axis_permutation_and_flips_happen_at_their_probabilities(store):
 
 
 def test_window_clips_to_a_narrower_hu_range_inside_the_clip_range(store):
-    config = MultiCropConfig(
+    settings = MultiCropSettings(
         global_crop_size=16, n_local_crops=0, global_window_probability=(1.0, 0.0)
     )
-    augmentation = MultiCropAugmentation(config)
-    low, high = config.hu_clip
+    augmentation = MultiCropAugmentation(settings)
+    low, high = settings.hu_clip
     for seed in range(5):
         plan = augmentation.plan(store.shape("noise_b"), np.random.default_rng(seed))
         windowed_plan = plan.global_crops[0]
         assert windowed_plan.window is not None and plan.global_crops[1].window is None
 
-        windowed = as_hu(augmentation.render(store, "noise_b", windowed_plan), config)
+        windowed = as_hu(augmentation.render(store, "noise_b", windowed_plan), settings)
         plain_plan = dataclasses.replace(windowed_plan, window=None)
-        plain = as_hu(augmentation.render(store, "noise_b", plain_plan), config)
+        plain = as_hu(augmentation.render(store, "noise_b", plain_plan), settings)
 
         tolerance = 1e-3
         assert low - tolerance <= plain.min() and plain.max() <= high + tolerance
         window_low, window_high = windowed.min().item(), windowed.max().item()
-        assert window_high - window_low >= config.min_window_width - tolerance
+        assert window_high - window_low >= settings.min_window_width - tolerance
         assert window_high - window_low < plain.max().item() - plain.min().item()
         assert torch.allclose(windowed, plain.clamp(window_low, window_high), atol=tolerance)
 
 
 def test_standardisation_and_noise(store):
-    config = MultiCropConfig(
+    settings = MultiCropSettings(
         **SMALL, normalisation_mean=100.0, normalisation_std=50.0, global_window_probability=(0, 0)
     )
-    clean = MultiCropAugmentation(config)(store, "constant", np.random.default_rng(0))
+    clean = MultiCropAugmentation(settings)(store, "constant", np.random.default_rng(0))
     expected = (CONSTANT_HU - 100.0) / 50.0
     assert torch.allclose(clean["global_crops"], torch.full_like(clean["global_crops"], expected))
 
-    noisy_config = dataclasses.replace(config, global_crop_size=16, noise_std=20.0)
-    noisy = MultiCropAugmentation(noisy_config)(store, "constant", np.random.default_rng(0))
+    noisy_settings = dataclasses.replace(settings, global_crop_size=16, noise_std=20.0)
+    noisy = MultiCropAugmentation(noisy_settings)(store, "constant", np.random.default_rng(0))
     assert noisy["global_crops"].mean().item() == pytest.approx(expected, abs=0.05)
     assert noisy["global_crops"].std().item() == pytest.approx(20.0 / 50.0, rel=0.1)
 
 
 def test_regions_larger_than_a_small_volume_are_padded_with_air(store, monkeypatch):
-    config = MultiCropConfig(**SMALL, reference_extent=16, global_window_probability=(0, 0))
-    augmentation = MultiCropAugmentation(config)
+    settings = MultiCropSettings(**SMALL, reference_extent=16, global_window_probability=(0, 0))
+    augmentation = MultiCropAugmentation(settings)
     reads = record_reads(store, monkeypatch)
 
     crops = augmentation(store, "tiny", np.random.default_rng(1))
@@ -255,13 +256,13 @@ def test_regions_larger_than_a_small_volume_are_padded_with_air(store, monkeypat
         if n > dim
     ]
     assert any(s < 0 for s, _, _ in overhangs) and any(s + n > dim for s, n, dim in overhangs)
-    air = (config.hu_clip[0] - config.normalisation_mean) / config.normalisation_std
-    tissue = (TINY_HU - config.normalisation_mean) / config.normalisation_std
+    air = (settings.hu_clip[0] - settings.normalisation_mean) / settings.normalisation_std
+    tissue = (TINY_HU - settings.normalisation_mean) / settings.normalisation_std
     assert crops["global_crops"].min().item() == pytest.approx(air)
     assert crops["global_crops"].max().item() == pytest.approx(tissue)
 
     # With the reference's shortest-side scale the small scan is upsampled, never padded.
-    unpadded = MultiCropAugmentation(MultiCropConfig(**SMALL))(
+    unpadded = MultiCropAugmentation(MultiCropSettings(**SMALL))(
         store, "tiny", np.random.default_rng(1)
     )
     assert unpadded["global_crops"].min().item() == pytest.approx(tissue)
@@ -358,7 +359,7 @@ def test_collate_orders_views_and_masks_like_dinov2():
 def _loader(store, num_workers, start_iteration=0):
     return build_ssl_dataloader(
         store,
-        MultiCropConfig(**SMALL),
+        MultiCropSettings(**SMALL),
         batch_size_per_rank=2,
         num_workers=num_workers,
         base_seed=11,
@@ -398,7 +399,7 @@ def test_batches_do_not_depend_on_the_number_of_workers(store):
 # --- configuration -------------------------------------------------------------------------
 
 
-def test_config_from_recipe_and_validation(store):
+def test_settings_from_config_and_validation(store):
     recipe = {
         "global_crops_size": 112,
         "local_crops_size": 56,
@@ -406,17 +407,25 @@ def test_config_from_recipe_and_validation(store):
         "global_crops_scale": [0.32, 1.0],
         "local_crops_scale": [0.05, 0.32],
     }
-    assert MultiCropConfig.from_recipe(recipe) == MultiCropConfig()
-    with pytest.raises(VoxelFMError, match="local_crop_number"):
-        MultiCropConfig.from_recipe({"local_crop_number": 8})
-    with pytest.raises(ValueError, match="global_crop_scale"):
-        MultiCropConfig(global_crop_scale=(0.5, 0.2))
-    with pytest.raises(ValueError, match="aspect_ratio_range"):
-        MultiCropConfig(aspect_ratio_range=(1.5, 2.0))
+    assert MultiCropSettings.from_config(recipe) == MultiCropSettings()
+    # The defaults are the package recipe's values (the YAML is the source; these mirror it).
+    assert MultiCropSettings.from_config(resolve_ssl_config()["crops"]) == MultiCropSettings()
+    with pytest.raises(VoxelFMError, match="crops.local_crop_number.*local_crops_number"):
+        MultiCropSettings.from_config({"local_crop_number": 8})
+    with pytest.raises(VoxelFMError, match="'crops.global_crops_scale' must be"):
+        MultiCropSettings(global_crop_scale=(0.5, 0.2))
+    with pytest.raises(VoxelFMError, match="'crops.aspect_ratio_range' must be"):
+        MultiCropSettings(aspect_ratio_range=(1.5, 2.0))
+    with pytest.raises(VoxelFMError, match="'crops.global_crops_size' must be an integer"):
+        MultiCropSettings.from_config({"global_crops_size": "112"})
+    with pytest.raises(VoxelFMError, match="'crops.hu_clip' must be a pair"):
+        MultiCropSettings(hu_clip=(-1000.0,))
+    with pytest.raises(VoxelFMError, match="'crops.noise_std' must be a number"):
+        MultiCropSettings(noise_std=None)
     with pytest.raises(ValueError, match="patch_size"):
         build_ssl_dataloader(
             store,
-            MultiCropConfig(**SMALL),
+            MultiCropSettings(**SMALL),
             batch_size_per_rank=2,
             num_workers=0,
             base_seed=0,

@@ -23,6 +23,7 @@ import torch
 from voxelfm.errors import InputError, VoxelFMError
 from voxelfm.train.checkpoint import list_checkpoints, load_checkpoint
 from voxelfm.train.config import resolve_ssl_config
+from voxelfm.train.settings import SSLSettings
 from voxelfm.train.trainer import DistributedContext, Pretrainer, build_schedules
 
 GLOBAL = 32  # global crop edge; tiny preset patch 8 -> 4^3 = 64 tokens
@@ -68,7 +69,7 @@ def _deep_update(base: dict, overrides: Mapping) -> dict:
     return out
 
 
-def tiny_cfg(overrides: Mapping | None = None) -> dict[str, Any]:
+def tiny_config(overrides: Mapping | None = None) -> dict[str, Any]:
     return resolve_ssl_config(_deep_update(TINY, overrides or {}))
 
 
@@ -146,16 +147,16 @@ RESUME_OVERRIDES = {
 def resume_runs(tmp_path_factory):
     """Run A: 6 iterations straight. Run B: killed after iteration 5 with checkpoint 5 lost
     (metrics of iteration 5 already logged), resumed by a new Pretrainer from checkpoint 4."""
-    cfg = tiny_cfg(RESUME_OVERRIDES)
-    batch = cfg["train"]["batch_size_per_gpu"]
+    config = tiny_config(RESUME_OVERRIDES)
+    batch = SSLSettings.from_config(config).train.batch_size_per_gpu
     root = tmp_path_factory.mktemp("resume")
 
-    a = Pretrainer(cfg, root / "a", CPU, progress=False)
+    a = Pretrainer(config, root / "a", CPU, progress=False)
     assert a.start_iteration == 0
     assert a.run(micro_batches(batch, 0)) == 6
     a_rng = torch.get_rng_state()
 
-    b1 = Pretrainer(cfg, root / "b", CPU, progress=False)
+    b1 = Pretrainer(config, root / "b", CPU, progress=False)
     assert b1.run(micro_batches(batch, 0), stop_at=5) == 5
     saved = [it for it, _ in list_checkpoints(b1.checkpoint_dir)]
     assert saved == [2, 4, 5], f"checkpoints at multiples of the period and at the stop: {saved}"
@@ -163,7 +164,7 @@ def resume_runs(tmp_path_factory):
     # Simulate a kill while checkpoint 5 was being written: the newest durable one is 4.
     (root / "b" / "checkpoints" / "ckpt_000000005.pt").unlink()
 
-    b2 = Pretrainer(cfg, root / "b", CPU, progress=False)
+    b2 = Pretrainer(config, root / "b", CPU, progress=False)
     start = b2.start_iteration
     assert b2.run(micro_batches(batch, start * b2.accum)) == 6
     return {
@@ -189,7 +190,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(resume_runs):
     assert not differing, f"student/teacher/centre tensors differ after resume: {differing[:8]}"
     # Training really moved the weights (otherwise equality would prove nothing).
     init = Pretrainer(
-        tiny_cfg(RESUME_OVERRIDES), resume_runs["root"] / "fresh", CPU, progress=False
+        tiny_config(RESUME_OVERRIDES), resume_runs["root"] / "fresh", CPU, progress=False
     )
     moved = [k for k, v in init.model.state_dict().items() if not torch.equal(v, a_state[k])]
     assert len(moved) > len(a_state) // 2
@@ -253,13 +254,17 @@ def test_accumulation_matches_one_large_batch(tmp_path):
     # gradient scale (e.g. a missing 1/accum) cannot hide behind the clip; drop_path off.
     common = {"dino": {"koleo_loss_weight": 0.0}, "optim": {"clip_grad": 0.0}}
     one = Pretrainer(
-        tiny_cfg(_deep_update(common, {"train": {"batch_size_per_gpu": 8, "total_batch_size": 8}})),
+        tiny_config(
+            _deep_update(common, {"train": {"batch_size_per_gpu": 8, "total_batch_size": 8}})
+        ),
         tmp_path / "one",
         CPU,
         progress=False,
     )
     two = Pretrainer(
-        tiny_cfg(_deep_update(common, {"train": {"batch_size_per_gpu": 4, "total_batch_size": 8}})),
+        tiny_config(
+            _deep_update(common, {"train": {"batch_size_per_gpu": 4, "total_batch_size": 8}})
+        ),
         tmp_path / "two",
         CPU,
         progress=False,
@@ -316,7 +321,7 @@ def test_accumulation_matches_one_large_batch(tmp_path):
 
 
 def test_schedules_from_config():
-    cfg = tiny_cfg(
+    config = tiny_config(
         {
             "train": {"epochs": 4, "official_epoch_length": 10, "total_batch_size": 4},
             "schedules": {
@@ -333,7 +338,7 @@ def test_schedules_from_config():
             },
         }
     )
-    s = build_schedules(cfg)
+    s = build_schedules(SSLSettings.from_config(config))
     last = 39
     approx = pytest.approx
     assert s.lr(0) == 0.0
@@ -353,21 +358,24 @@ def test_schedules_from_config():
     assert s.at(10).last_layer_lr == s.at(10).lr
 
     scaled = build_schedules(
-        _deep_update(
-            cfg, {"optim": {"scaling_rule": "sqrt_wrt_1024"}, "train": {"total_batch_size": 256}}
+        SSLSettings.from_config(
+            _deep_update(
+                config,
+                {"optim": {"scaling_rule": "sqrt_wrt_1024"}, "train": {"total_batch_size": 256}},
+            )
         )
     )
     assert scaled.lr(10) == approx(1e-3 * 0.5)
 
 
 def test_last_layer_frozen_during_first_epoch(tmp_path):
-    cfg = tiny_cfg(
+    config = tiny_config(
         {
             "train": {"epochs": 2, "official_epoch_length": 2},
             "schedules": {"lr": {"freeze_last_layer_epochs": 1}},
         }
     )
-    trainer = Pretrainer(cfg, tmp_path, CPU, progress=False)
+    trainer = Pretrainer(config, tmp_path, CPU, progress=False)
     trainable = {n for n, p in trainer.model.student.named_parameters() if p.requires_grad}
     last = {n for n in trainable if "last_layer" in n.split(".")}
     assert last, "the heads have a trainable prototype layer"
@@ -392,8 +400,8 @@ def test_last_layer_frozen_during_first_epoch(tmp_path):
 
 def test_teacher_is_ema_of_student(tmp_path):
     m = 0.9
-    cfg = tiny_cfg({"schedules": {"momentum": {"start": m, "end": m}}})
-    trainer = Pretrainer(cfg, tmp_path, CPU, progress=False)
+    config = tiny_config({"schedules": {"momentum": {"start": m, "end": m}}})
+    trainer = Pretrainer(config, tmp_path, CPU, progress=False)
     teacher0 = teacher_params(trainer)
     student0 = student_params(trainer)
     assert all(torch.equal(teacher0[n], student0[n]) for n in teacher0), "teacher starts as a copy"
@@ -424,8 +432,8 @@ def test_teacher_is_ema_of_student(tmp_path):
 
 @pytest.mark.parametrize("log_period", [1000, 1], ids=["no-stats", "stats-logged"])
 def test_non_finite_loss_raises_voxelfm_error(tmp_path, log_period):
-    cfg = tiny_cfg({"monitoring": {"log_period_iterations": log_period}})
-    trainer = Pretrainer(cfg, tmp_path, CPU, progress=False)
+    config = tiny_config({"monitoring": {"log_period_iterations": log_period}})
+    trainer = Pretrainer(config, tmp_path, CPU, progress=False)
 
     def nan_batches():
         for batch in micro_batches(4, 0):
@@ -482,14 +490,14 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
         load_checkpoint(ckpt)
     assert str(ckpt) in str(err.value)
     with pytest.raises(InputError) as err:
-        Pretrainer(tiny_cfg(), work, CPU, progress=False)  # resumes from the newest file
+        Pretrainer(tiny_config(), work, CPU, progress=False)  # resumes from the newest file
     assert str(ckpt) in str(err.value)
     assert not marker.exists(), "loading a checkpoint executed pickled code"
 
     truncated = work / "checkpoints" / "ckpt_000000004.pt"
     truncated.write_bytes(probe.read_bytes()[:100])
     with pytest.raises(InputError, match="ckpt_000000004.pt"):
-        Pretrainer(tiny_cfg(), work, CPU, progress=False)
+        Pretrainer(tiny_config(), work, CPU, progress=False)
 
 
 def test_uniform_teacher_collapse_is_reported_once():
@@ -524,6 +532,8 @@ def test_fewer_prototypes_than_bottleneck_dimensions_is_flagged(prototypes, bott
     from voxelfm.train.monitor import head_warnings
 
     head = {"head_n_prototypes": prototypes, "head_bottleneck_dim": bottleneck}
-    messages = head_warnings(resolve_ssl_config({"dino": head, "ibot": head}))
+    messages = head_warnings(
+        SSLSettings.from_config(resolve_ssl_config({"dino": head, "ibot": head}))
+    )
     assert len(messages) == n_warnings
     assert all("head_n_prototypes" in m for m in messages)

@@ -13,7 +13,7 @@ and for a whole folder (what ``voxelfm features`` runs)::
     result = voxelfm.features_from_folder("my_scans/", "my_features/")
     table = result.read_table()
 
-``load_backbone`` takes the same spec a config's ``evaluation.backbones`` entry takes (a
+``load_backbone`` takes the same backbone config a workflow config's ``evaluation.backbones`` entry takes (a
 mapping, or its JSON text), or a short form: a ViT preset name (``tiny``, ``small``,
 ``base``: that architecture with random weights, a plumbing check), ``handcrafted`` (HU
 statistics), an exported backbone folder (``voxelfm export``) or a published VoxelFM
@@ -41,8 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover - types only
     import numpy as np
     import pandas as pd
 
-    from voxelfm.extract.backbones import FeatureExtractor
     from voxelfm.extract.extractor import Features
+    from voxelfm.extract.interface import FeatureExtractor
 
 # The extraction defaults of the workflow's config schema (evaluation.extraction).
 DEFAULT_MAX_PATCHES = 4096
@@ -58,18 +58,18 @@ TABLE_STEM = "features"
 RANDOM_PRESET_LAYERSCALE = 0.1
 
 
-def backbone_spec(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """The full spec (a mapping with ``kind``) of a spec or its short form (module docstring)."""
-    if isinstance(spec, Mapping):
-        return dict(spec)
-    text = str(spec).strip()
+def backbone_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """The full backbone config (a mapping with ``kind``) of itself or a short form (module docstring)."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    text = str(config).strip()
     if text.startswith("{"):
         try:
             parsed = json.loads(text)
         except json.JSONDecodeError as error:
-            raise VoxelFMError(f"backbone spec is not valid JSON ({error}): {text}") from None
+            raise VoxelFMError(f"backbone config is not valid JSON ({error}): {text}") from None
         if not isinstance(parsed, dict):
-            raise VoxelFMError(f"backbone spec must be a JSON object: {text}")
+            raise VoxelFMError(f"backbone config must be a JSON object: {text}")
         return parsed
     from voxelfm.models.vision_transformer import VIT_PRESETS  # no torch at module level there
 
@@ -91,10 +91,10 @@ def backbone_spec(spec: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
     if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
         return {"kind": "published_voxelfm", "path": str(path)}
     if path.suffix == ".json" and path.is_file():
-        return backbone_spec(path.read_text())
+        return backbone_config(path.read_text())
     raise VoxelFMError(
         f"backbone {text!r} is neither a preset ({', '.join(sorted(VIT_PRESETS))}, "
-        "handcrafted), an exported backbone folder, a .pth checkpoint, nor a JSON spec"
+        "handcrafted), an exported backbone folder, a .pth checkpoint, nor a JSON config"
     )
 
 
@@ -102,7 +102,7 @@ class Backbone:
     """A frozen backbone ready to embed scans (wraps a ``FeatureExtractor``).
 
     Attributes: ``name``, ``embed_dim``, ``patch_size`` (None for global-only backbones),
-    ``spacing_mm`` (what the backbone expects, None = any), ``spec`` and ``extractor``.
+    ``spacing_mm`` (what the backbone expects, None = any), ``config`` and ``extractor``.
     """
 
     def __init__(self, extractor: FeatureExtractor):
@@ -112,7 +112,7 @@ class Backbone:
     embed_dim = property(lambda self: int(self.extractor.embed_dim))
     patch_size = property(lambda self: self.extractor.patch_size)
     spacing_mm = property(lambda self: self.extractor.spacing_mm)
-    spec = property(lambda self: dict(self.extractor.spec))
+    config = property(lambda self: dict(self.extractor.config))
 
     def __repr__(self) -> str:
         return f"Backbone({self.extractor!r})"
@@ -163,18 +163,18 @@ class Backbone:
 
 
 def load_backbone(
-    spec: str | os.PathLike | Mapping[str, Any] = "handcrafted",
+    config: str | os.PathLike | Mapping[str, Any] = "handcrafted",
     *,
     device: str = "auto",
     precision: str = "fp32",
 ) -> Backbone:
-    """Build a backbone from a config spec or a short form (see the module docstring).
+    """Build a backbone from its config or a short form (see the module docstring).
 
     device: "auto" (cuda when available), "cpu" or "cuda"; precision "bf16" autocasts on CUDA.
     """
     from voxelfm.extract.backbones import build_extractor
 
-    return Backbone(build_extractor(backbone_spec(spec), device, precision=precision))
+    return Backbone(build_extractor(backbone_config(config), device, precision=precision))
 
 
 # --- cost estimate ---------------------------------------------------------------------
@@ -394,7 +394,8 @@ def features_from_folder(
     if estimate_only:
         return FolderFeatures(out_dir, table_path, None, failures_path, estimate)
 
-    from voxelfm.extract.store import EmbeddingStore, embed_store
+    from voxelfm.extract.embed import embed_store
+    from voxelfm.extract.store import EmbeddingStore
 
     tokens_path = embed_store(
         out_dir / VOLUMES_STORE,

@@ -117,11 +117,11 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:
-    from voxelfm.evaluation import BootstrapSettings, TaskSpec, read_label_table, run_task
-    from voxelfm.evaluation.run import DenseContext
+    from voxelfm.evaluation import BootstrapSettings, EvaluationTask, read_label_table, run_task
+    from voxelfm.evaluation.results import DenseContext
     from voxelfm.extract import EmbeddingStore
 
-    task = TaskSpec.from_config(args.task_name, args.task)
+    task = EvaluationTask.from_config(args.task_name, args.task)
     context = DenseContext()
     if args.volumes:
         from voxelfm.store import VolumeStore

@@ -76,7 +76,7 @@ def task_problems(
 
     label_tables: dataset -> its label table (CSV or folder with labels.csv), or None.
     """
-    from voxelfm.evaluation.tasks import TaskSpec
+    from voxelfm.evaluation.tasks import EvaluationTask
 
     evaluation = config["evaluation"]
     default_dataset = evaluation.get("dataset") or min(config["datasets"])
@@ -87,7 +87,9 @@ def task_problems(
             problems.append(f"evaluation.tasks.{name}.dataset: {dataset!r} is not in datasets")
             continue
         try:
-            task = TaskSpec.from_config(name, {k: v for k, v in settings.items() if k != "dataset"})
+            task = EvaluationTask.from_config(
+                name, {k: v for k, v in settings.items() if k != "dataset"}
+            )
         except VoxelFMError as error:
             reason = str(error).removeprefix(f"task {name!r}: ")
             problems.append(f"evaluation.tasks.{name}: {reason}")

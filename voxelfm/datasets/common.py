@@ -25,7 +25,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from voxelfm.errors import InputError, VoxelFMError
-from voxelfm.evaluation.tasks import TaskSpec
+from voxelfm.evaluation.tasks import EvaluationTask
 from voxelfm.ingest.manifest import read_manifest
 from voxelfm.splits import check_patient_level_split, make_patient_split, patient_strata
 from voxelfm.utils.atomic import atomic_path, atomic_write_text, write_csv_atomically
@@ -281,9 +281,9 @@ def lps_to_ras(xyz: Sequence[float]) -> np.ndarray:
 
 
 def check_tasks(tasks: Mapping[str, Mapping[str, Any]], labels: pd.DataFrame) -> None:
-    """Every suggested task parses as a TaskSpec and names columns the label table has."""
-    for name, spec in tasks.items():
-        task = TaskSpec.from_config(name, spec)
+    """Every suggested task parses as a EvaluationTask and names columns the label table has."""
+    for name, config in tasks.items():
+        task = EvaluationTask.from_config(name, config)
         missing = [c for c in task.labels if c not in labels.columns]
         if missing:
             raise VoxelFMError(f"suggested task {name!r} names missing column(s) {missing}")

@@ -87,6 +87,7 @@ OPENKBP_ORGANS = (
 PTV_LEVELS = ("PTV56", "PTV63", "PTV70")  # values 1, 2, 3 in ptv.nii.gz
 ORGAN_COLUMNS = {organ: snake_case(organ) for organ in OPENKBP_ORGANS}
 COHORTS = ("openkbp", "ibsi", "totalseg", "dicom")
+VALUE_COLUMNS = ("ptv63_present", "ptv70_volume_ml", "parotid_mean_dose_gy", "gtv_volume_ml")
 
 _TOTALSEG_SCANS = (
     # scan id, image, label map
@@ -110,10 +111,35 @@ def adapt(
         raise VoxelFMError(f"reidentification_copies must be >= 0, got {copies}")
     root = Path(root)
     fractions = check_fractions(split_fractions)
-    openkbp = _openkbp(root)
-    others = [*_ibsi(root), *_totalseg(root), *_dicom(root)]
-    table = pd.DataFrame.from_records([*openkbp, *others])
+    table = pd.DataFrame.from_records(
+        [*_openkbp(root), *_ibsi(root), *_totalseg(root), *_dicom(root)]
+    )
+    table["split"] = _split(table, fractions, seed)
+    if copies:
+        table = pd.concat([table, _reidentification_copies(table, out_dir, copies, seed)])
+        table = table.reset_index(drop=True)
+    label_names = _label_names(root)
+    return write_dataset(
+        out_dir,
+        name=NAME,
+        version=VERSION,
+        root=root,
+        manifest=_manifest(table),
+        labels=_label_table(table),
+        columns=_column_descriptions(with_copies=bool(copies)),
+        tasks=_suggested_tasks(with_copies=bool(copies)),
+        split_method=(
+            "OpenKBP validation -> val; OpenKBP train split by patient into train/test "
+            f"{fractions[0]}:{fractions[2]} (seed {seed}); other cohorts: seeded patient-level "
+            f"split {fractions}"
+        ),
+        extra={"label_maps": label_names},
+        extra_files={"label_names.json": json.dumps(label_names, indent=2) + "\n"},
+    )
 
+
+def _split(table: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """Each scan's split (module docstring): OpenKBP keeps its validation set as ``val``."""
     split = np.empty(len(table), dtype=object)
     is_openkbp = (table["cohort"] == "openkbp").to_numpy()
     official = table["official_split"].to_numpy()
@@ -134,15 +160,15 @@ def adapt(
             seed,
             stratify=table.loc[~is_openkbp, "cohort"],
         )
-    table["split"] = split
-    if copies:
-        table = pd.concat([table, _reidentification_copies(table, out_dir, copies, seed)])
-        table = table.reset_index(drop=True)
+    return split
 
-    label_columns = [c for c in table.columns if c.startswith("label_")]
-    manifest = table[["scan_id", "patient_id", "image", *label_columns]].fillna("")
-    xyz = {organ: centroid_columns(column) for organ, column in ORGAN_COLUMNS.items()}
-    values = ["ptv63_present", "ptv70_volume_ml", "parotid_mean_dose_gy", "gtv_volume_ml"]
+
+def _manifest(table: pd.DataFrame) -> pd.DataFrame:
+    label_maps = [c for c in table.columns if c.startswith("label_")]
+    return table[["scan_id", "patient_id", "image", *label_maps]].fillna("")
+
+
+def _label_table(table: pd.DataFrame) -> pd.DataFrame:
     # reindex: a value column whose cohort folder is absent (e.g. no ibsi_sts) stays empty.
     labels = table.reindex(
         columns=[
@@ -150,32 +176,38 @@ def adapt(
             "patient_id",
             "split",
             "cohort",
-            *[c for organ in OPENKBP_ORGANS for c in xyz[organ]],
-            *values,
+            *[c for organ in OPENKBP_ORGANS for c in centroid_columns(ORGAN_COLUMNS[organ])],
+            *VALUE_COLUMNS,
         ]
     )
     labels["ptv63_present"] = labels["ptv63_present"].astype("Int64")
+    return labels
 
-    columns = {
-        "cohort": "openkbp / ibsi / totalseg / dicom",
+
+def _column_descriptions(*, with_copies: bool) -> dict[str, str]:
+    cohorts = "openkbp / ibsi / totalseg / dicom"
+    if with_copies:
+        cohorts += " (+ _copy: a derived re-identification scan)"
+    return {
+        "cohort": cohorts,
         **{
             c: f"{axis} of the {organ} centroid, RAS world mm (OpenKBP; empty: absent)"
             for organ in OPENKBP_ORGANS
-            for axis, c in zip("xyz", xyz[organ])
+            for axis, c in zip("xyz", centroid_columns(ORGAN_COLUMNS[organ]))
         },
         "ptv63_present": "1 = the OpenKBP plan has a PTV63 (value 2 in ptv.nii.gz), else 0",
         "ptv70_volume_ml": "PTV70 volume in ml from ptv.nii.gz (OpenKBP)",
         "parotid_mean_dose_gy": "mean of the right and left parotid mean doses, Gy (OpenKBP)",
         "gtv_volume_ml": "gross tumour volume in ml from gtv.nii.gz (IBSI)",
     }
-    if copies:
-        columns["cohort"] += " (+ _copy: a derived re-identification scan)"
-    oar_classes = {k + 1: ORGAN_COLUMNS[o] for k, o in enumerate(OPENKBP_ORGANS)}
+
+
+def _suggested_tasks(*, with_copies: bool) -> dict[str, dict]:
     tasks: dict[str, dict] = {
         **{
             f"openkbp_{column}_centre": {
                 "category": "localisation",
-                "labels": xyz[organ],
+                "labels": centroid_columns(column),
                 "probes": ["soft_argmax"],
                 "options": {"hit_radius_mm": 15},
                 "description": f"locate the {organ} centroid (OpenKBP)",
@@ -203,7 +235,7 @@ def adapt(
         "openkbp_oars": {
             "category": "segmentation",
             "probes": ["conv_decoder"],
-            "options": {"label_map": "oars", "classes": oar_classes},
+            "options": {"label_map": "oars", "classes": _oar_classes()},
             "description": "segment the 7 OpenKBP organs at risk",
         },
         "ibsi_gtv_volume": {
@@ -219,35 +251,28 @@ def adapt(
             "description": "segment the sarcoma (IBSI)",
         },
     }
-    if copies:
+    if with_copies:
         tasks["reidentification"] = {
             "category": "retrieval",
             "probes": ["gallery", "pool"],
             "description": "find a patient's other scan (a cropped, noisier copy) among all",
         }
-    label_names = {
-        "oars": {"0": "background", **{str(k): v for k, v in oar_classes.items()}},
+    return tasks
+
+
+def _oar_classes() -> dict[int, str]:
+    """oars.nii.gz value -> organ column prefix."""
+    return {k + 1: ORGAN_COLUMNS[organ] for k, organ in enumerate(OPENKBP_ORGANS)}
+
+
+def _label_names(root: Path) -> dict[str, dict[str, str]]:
+    """label map -> {value: class name}, for dataset.json and label_names.json."""
+    return {
+        "oars": {"0": "background", **{str(k): v for k, v in _oar_classes().items()}},
         "ptv": {"0": "background", **{str(k + 1): p.lower() for k, p in enumerate(PTV_LEVELS)}},
         "gtv": {"0": "background", "1": "gtv"},
         "organs": _totalseg_classes(root),
     }
-    return write_dataset(
-        out_dir,
-        name=NAME,
-        version=VERSION,
-        root=root,
-        manifest=manifest,
-        labels=labels,
-        columns=columns,
-        tasks=tasks,
-        split_method=(
-            "OpenKBP validation -> val; OpenKBP train split by patient into train/test "
-            f"{fractions[0]}:{fractions[2]} (seed {seed}); other cohorts: seeded patient-level "
-            f"split {fractions}"
-        ),
-        extra={"label_maps": label_names},
-        extra_files={"label_names.json": json.dumps(label_names, indent=2) + "\n"},
-    )
 
 
 def _reidentification_copies(

@@ -11,16 +11,16 @@ from importlib import import_module
 
 _EXPORTS = {
     "aggregate": "voxelfm.evaluation.report",
-    "BootstrapSettings": "voxelfm.evaluation.run",
+    "BootstrapSettings": "voxelfm.evaluation.results",
     "run_task": "voxelfm.evaluation.run",
-    "TaskSpec": "voxelfm.evaluation.tasks",
+    "EvaluationTask": "voxelfm.evaluation.tasks",
     "align_task": "voxelfm.evaluation.tasks",
     "read_label_table": "voxelfm.evaluation.tasks",
 }
 
 __all__ = [
     "BootstrapSettings",
-    "TaskSpec",
+    "EvaluationTask",
     "aggregate",
     "align_task",
     "read_label_table",

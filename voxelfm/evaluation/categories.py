@@ -46,7 +46,7 @@ from voxelfm.evaluation.vector_probes import run_vector_probes
 from voxelfm.probes.registry import PROBE_FITTERS
 
 if TYPE_CHECKING:
-    from voxelfm.evaluation.tasks import TaskData, TaskSpec
+    from voxelfm.evaluation.tasks import EvaluationTask, TaskData
 
 Rule = Literal["probe", "probe_dense"]
 RULES: tuple[Rule, ...] = ("probe", "probe_dense")
@@ -58,7 +58,7 @@ class CategoryRunner(Protocol):
 
     def __call__(
         self,
-        task: TaskSpec,
+        task: EvaluationTask,
         data: TaskData,
         embeddings: Any,
         bootstrap: BootstrapSettings,
@@ -78,8 +78,8 @@ class TaskCategory:
     default_probes: tuple[str, ...]
     label_columns: int | None
     metrics: tuple[str, ...]
-    options: Callable[[TaskSpec], Any] | None = None
-    prepare: Callable[[TaskSpec, TaskData, DenseContext], TaskData] | None = None
+    options: Callable[[EvaluationTask], Any] | None = None
+    prepare: Callable[[EvaluationTask, TaskData, DenseContext], TaskData] | None = None
 
 
 class CategoryRegistry(Mapping[str, TaskCategory]):

@@ -49,8 +49,8 @@ from voxelfm.utils.atomic import write_csv_atomically
 from voxelfm.utils.jsonable import to_jsonable
 
 if TYPE_CHECKING:
-    from voxelfm.evaluation.tasks import TaskData, TaskSpec
-    from voxelfm.probes.report_generation import ReportOptions
+    from voxelfm.evaluation.tasks import EvaluationTask, TaskData
+    from voxelfm.probes.report_generation import ReportSettings
 
 METRICS = (
     "bleu4",
@@ -63,7 +63,7 @@ METRICS = (
 
 
 def run_report_generation(
-    task: TaskSpec,
+    task: EvaluationTask,
     data: TaskData,
     embeddings,
     bootstrap: BootstrapSettings,
@@ -133,15 +133,15 @@ def run_report_generation(
     return pd.DataFrame(rows)
 
 
-def report_options(task: TaskSpec) -> ReportOptions:
-    """The task's options, checked (``ReportOptions``; the llm probe needs ``llm_path``)."""
-    from voxelfm.probes.report_generation import ReportOptions  # imports torch
+def report_options(task: EvaluationTask) -> ReportSettings:
+    """The task's options, checked (``ReportSettings``; the llm probe needs ``llm_path``)."""
+    from voxelfm.probes.report_generation import ReportSettings  # imports torch
 
-    return ReportOptions.from_mapping(task.options, task=task.name, probes=task.probes)
+    return ReportSettings.from_mapping(task.options, task=task.name, probes=task.probes)
 
 
 def visual_inputs(
-    task: TaskSpec, data: TaskData, embeddings, choice: str = "auto"
+    task: EvaluationTask, data: TaskData, embeddings, choice: str = "auto"
 ) -> tuple[np.ndarray, str]:
     """(n, T, D) visual inputs of the task's scans and a description of what they are.
 
@@ -161,7 +161,7 @@ def visual_inputs(
     return features[:, None, :].astype(np.float32), f"global {task.features} vector"
 
 
-def _pooled_patch_tokens(task: TaskSpec, data: TaskData, embeddings) -> np.ndarray | None:
+def _pooled_patch_tokens(task: EvaluationTask, data: TaskData, embeddings) -> np.ndarray | None:
     scan_ids = list(data.rows["scan_id"])
     has_tokens = getattr(embeddings, "has_patch_tokens", None)
     if has_tokens is not None and not all(has_tokens(scan_id) for scan_id in scan_ids):

@@ -11,8 +11,8 @@ Writes into ``out_dir`` (atomically, as one folder):
 * whatever the category's runner writes besides (``efficiency.csv``, ``retrieval_ranks.csv``,
   ``selection.csv``, figures; see ``voxelfm.evaluation.categories``).
 
-The file names, settings and row helpers live in ``voxelfm.evaluation.results``; the names
-below are re-exported for ``voxelfm.evaluation.report`` and callers of this module.
+The file names, settings and row helpers every category shares live in
+``voxelfm.evaluation.results``.
 """
 
 from __future__ import annotations
@@ -25,40 +25,17 @@ from pathlib import Path
 import pandas as pd
 
 from voxelfm.evaluation.categories import CATEGORIES
-from voxelfm.evaluation.results import (
-    EFFICIENCY_FILE,
-    METRICS_FILE,
-    PREDICTIONS_FILE,
-    RANKS_FILE,
-    TASK_FILE,
-    BootstrapSettings,
-    DenseContext,
-    metric_rows,
-    score_matrix,
-    skipped_row,
-)
-from voxelfm.evaluation.tasks import SPLITS, TaskSpec, align_task
+from voxelfm.evaluation.results import METRICS_FILE, TASK_FILE, BootstrapSettings, DenseContext
+from voxelfm.evaluation.tasks import SPLITS, EvaluationTask, align_task
 from voxelfm.utils.atomic import atomic_directory
 
-__all__ = [
-    "EFFICIENCY_FILE",
-    "METRICS_FILE",
-    "PREDICTIONS_FILE",
-    "RANKS_FILE",
-    "TASK_FILE",
-    "BootstrapSettings",
-    "DenseContext",
-    "metric_rows",
-    "run_task",
-    "score_matrix",
-    "skipped_row",
-]
+__all__ = ["run_task"]
 
 
 def run_task(
     embeddings,
     labels: pd.DataFrame,
-    task: TaskSpec,
+    task: EvaluationTask,
     out_dir: str | os.PathLike,
     *,
     bootstrap: BootstrapSettings | None = None,

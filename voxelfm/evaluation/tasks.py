@@ -31,13 +31,13 @@ from voxelfm.splits import check_patient_level_split
 
 FeatureKind = Literal["cls", "pooled", "cls+pooled"]
 
-__all__ = ["SPLITS", "TaskData", "TaskSpec", "align_task", "read_label_table"]
+__all__ = ["SPLITS", "EvaluationTask", "TaskData", "align_task", "read_label_table"]
 
 _SPLIT_ALIASES = {"validation": "val", "valid": "val", "training": "train", "testing": "test"}
 
 
 @dataclass(frozen=True)
-class TaskSpec:
+class EvaluationTask:
     """One evaluation task, validated.
 
     Attributes:
@@ -71,7 +71,7 @@ class TaskSpec:
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_config(cls, name: str, spec: Mapping[str, Any]) -> TaskSpec:
+    def from_config(cls, name: str, spec: Mapping[str, Any]) -> EvaluationTask:
         spec = dict(spec)
         category = spec.pop("category", None)
         if category not in CATEGORIES:
@@ -144,7 +144,7 @@ class TaskData:
     def split_mask(self, split: str) -> np.ndarray:
         return (self.rows["split"] == split).to_numpy()
 
-    def targets(self, task: TaskSpec) -> np.ndarray:
+    def targets(self, task: EvaluationTask) -> np.ndarray:
         """Targets in the probes' convention (see ``voxelfm.probes``)."""
         if task.category == "survival":
             return self.rows[list(task.labels)].to_numpy(dtype=np.float64)
@@ -156,7 +156,7 @@ class TaskData:
 
 
 def align_task(
-    task: TaskSpec,
+    task: EvaluationTask,
     labels: pd.DataFrame,
     scan_ids: Sequence[str],
     patient_ids: Sequence[str],

@@ -1,10 +1,14 @@
 """Frozen-feature extraction: backbones as plug-ins, whole-volume or sliding-window
 extraction, and the Zarr embedding store the probes read.
 
-* ``backbones``: the :class:`FeatureExtractor` interface, the ``BACKBONE_KINDS`` registry
-  (kind name -> factory) and :func:`build_extractor` (config spec -> extractor);
+* ``interface``: the :class:`FeatureExtractor` interface and what the kinds' factories share;
+* ``backbones``: the ``BACKBONE_KINDS`` registry (kind name -> factory) and
+  :func:`build_extractor` (backbone config -> extractor);
+* ``vit``, ``handcrafted``, ``foreign``: the kinds (the 3D ViT, the HU-statistics baseline,
+  other CT foundation models);
 * ``extractor``: :func:`extract_features` (one volume, array or CT file -> :class:`Features`);
-* ``store``: :func:`write_embeddings`, :class:`EmbeddingStore`, :func:`embed_store`;
+* ``store``: :func:`write_embeddings`, :class:`EmbeddingStore`;
+* ``embed``: :func:`embed_store` (shard stores -> embedding store, ``voxelfm embed``);
 * ``normalisation``: the HU -> network-input mapping shared with pretraining.
 
 Names are resolved lazily so ``import voxelfm.extract`` (and the multi-crop sampler, which
@@ -18,15 +22,15 @@ from typing import Any
 
 _EXPORTS = {
     "BACKBONE_KINDS": "backbones",
-    "FeatureExtractor": "backbones",
+    "FeatureExtractor": "interface",
     "build_extractor": "backbones",
     "register_backbone": "backbones",
-    "resolve_device": "backbones",
+    "resolve_device": "interface",
     "Features": "extractor",
     "extract_features": "extractor",
     "EmbeddingRecord": "store",
     "EmbeddingStore": "store",
-    "embed_store": "store",
+    "embed_store": "embed",
     "write_embeddings": "store",
     "HUNormalisation": "normalisation",
     "standardise_hu": "normalisation",

@@ -23,12 +23,12 @@ def _spec_arg(text: str) -> dict:
     if not text.lstrip().startswith("{") and path.suffix == ".json" and path.is_file():
         text = path.read_text()
     try:
-        spec = json.loads(text)
+        config = json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from err
-    if not isinstance(spec, dict):
-        raise argparse.ArgumentTypeError(f"the backbone spec must be a JSON object: {text!r}")
-    return spec
+    if not isinstance(config, dict):
+        raise argparse.ArgumentTypeError(f"the backbone config must be a JSON object: {text!r}")
+    return config
 
 
 def _window_arg(text: str) -> int | tuple[int, int, int]:
@@ -47,7 +47,7 @@ def add_embed_arguments(cmd: argparse.ArgumentParser) -> None:
         "--spec",
         type=_spec_arg,
         required=True,
-        help='backbone spec JSON (or .json file), e.g. {"kind": "voxelfm", "path": DIR}',
+        help='backbone config JSON (or .json file), e.g. {"kind": "voxelfm", "path": DIR}',
     )
     cmd.add_argument("--out", required=True, help="embedding store to write (OUT.zarr)")
     cmd.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
@@ -92,7 +92,8 @@ def run_embed(args: argparse.Namespace) -> None:
     import torch
 
     from voxelfm.errors import VoxelFMError
-    from voxelfm.extract.store import EmbeddingStore, embed_store
+    from voxelfm.extract.embed import embed_store
+    from voxelfm.extract.store import EmbeddingStore
 
     if args.threads is not None:
         if args.threads < 1:

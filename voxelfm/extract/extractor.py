@@ -52,7 +52,7 @@ import torch
 
 from voxelfm.conventions import DEFAULT_SPACING_MM, HU_MAX, HU_MIN
 from voxelfm.errors import VoxelFMError
-from voxelfm.extract.backbones import FeatureExtractor
+from voxelfm.extract.interface import FeatureExtractor
 from voxelfm.volume import CanonicalVolume
 
 Triple = tuple[int, int, int]

@@ -63,14 +63,14 @@ class HUNormalisation:
 def normalisation_from_config(config: Mapping[str, Any] | None) -> HUNormalisation:
     """The normalisation a backbone was trained with, from its resolved training config.
 
-    Reads the ``crops`` section through ``MultiCropConfig.from_recipe`` (the parser training
+    Reads the ``crops`` section through ``MultiCropSettings.from_config`` (the parser training
     used), so recipe overrides of ``hu_clip`` / ``normalisation_mean`` / ``normalisation_std``
     are honoured; a config without a ``crops`` section gets the recipe defaults.
     """
-    from voxelfm.ssl.multicrop import MultiCropConfig
+    from voxelfm.ssl.multicrop import MultiCropSettings
 
     crops = (config or {}).get("crops") or {}
-    recipe = MultiCropConfig.from_recipe(crops)
+    recipe = MultiCropSettings.from_config(crops)
     return HUNormalisation(
         hu_clip=recipe.hu_clip, mean=recipe.normalisation_mean, std=recipe.normalisation_std
     )

@@ -24,9 +24,7 @@ scan as they arrive, so a cohort's tokens never have to fit in memory.
 
 from __future__ import annotations
 
-import copy
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +35,8 @@ import zarr
 
 import voxelfm
 from voxelfm.errors import InputError, VoxelFMError
-from voxelfm.extract.backbones import FeatureExtractor
 from voxelfm.extract.extractor import Features
+from voxelfm.extract.interface import FeatureExtractor
 from voxelfm.store.layout import SAFE_NAME_RULE, is_safe_name
 from voxelfm.utils.atomic import atomic_directory
 from voxelfm.utils.jsonable import to_jsonable
@@ -400,143 +398,3 @@ def adaptive_avg_pool(tokens: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
             [out.take(range(lo, hi), axis=axis).mean(axis=axis) for lo, hi in bounds], axis=axis
         )
     return out.astype(np.float32)
-
-
-def embed_store(
-    stores: str | os.PathLike | Sequence[str | os.PathLike],
-    out_path: str | os.PathLike,
-    spec: Mapping[str, Any] | FeatureExtractor,
-    *,
-    name: str | None = None,
-    device: str = "auto",
-    precision: str = "fp32",
-    batch_size: int = 4,
-    mode: str = "auto",
-    window: int | Sequence[int] | None = None,
-    overlap: float = 0.5,
-    max_patches: int | None = None,
-    scan_ids: Sequence[str] | None = None,
-    store_patches: bool = True,
-    progress: bool = True,
-    allow_empty: bool = False,
-) -> Path:
-    """Embed every scan of the shard ``stores`` with one backbone into ``out_path``.
-
-    Args:
-        stores: shard store(s) or a folder of them (as ``VolumeStore``).
-        out_path: the embedding store to write (atomically; see ``write_embeddings``).
-        spec: backbone spec for ``build_extractor`` (or a built extractor).
-        name: the backbone's name in the store (overrides the spec's ``name``).
-        device, precision: see ``build_extractor``.
-        batch_size, mode, window, overlap, max_patches: see ``extract_features``.
-        scan_ids: a subset to embed (default: every complete scan, sorted).
-        store_patches: also store the per-scan patch tokens.
-        progress: a tqdm bar (rate, ETA) on stderr.
-        allow_empty: stores without a complete scan give an empty embedding store (one
-            shard of a scattered workflow) instead of an error.
-
-    A scan that fails prints a one-line warning naming it on stderr and is listed in the
-    store's ``failed_scans``; if every scan fails, VoxelFMError is raised and nothing is
-    written.
-    """
-    from tqdm import tqdm
-
-    from voxelfm.extract.backbones import build_extractor
-    from voxelfm.extract.extractor import check_extraction_options, extract_features
-    from voxelfm.store import VolumeStore
-
-    if isinstance(spec, FeatureExtractor):
-        extractor = spec
-        if name is not None:  # a renamed shallow copy: the caller's extractor is untouched
-            extractor = copy.copy(spec)
-            extractor.name = name
-    else:
-        spec = dict(spec)
-        if name is not None:
-            spec["name"] = name
-        extractor = build_extractor(spec, device, precision=precision)
-    check_extraction_options(
-        extractor,
-        mode=mode,
-        window=window,
-        overlap=overlap,
-        max_patches=max_patches,
-        batch_size=batch_size,
-    )
-    volumes = VolumeStore(stores if isinstance(stores, (str, os.PathLike)) else list(stores))
-    ids = list(volumes.scan_ids if scan_ids is None else scan_ids)
-    unknown = [scan_id for scan_id in ids if scan_id not in volumes]
-    if unknown:
-        raise VoxelFMError(f"scans not in the stores: {', '.join(unknown[:5])}")
-    if not ids and not allow_empty:
-        raise VoxelFMError("the stores hold no complete scan to embed")
-    seen_preprocessing: dict[str, set] = {"spacing_mm": set(), "hu_range": set(), "version": set()}
-
-    def records() -> Iterable[EmbeddingRecord]:
-        bar = tqdm(
-            ids,
-            desc=f"embed {extractor.name}",
-            unit="scan",
-            file=sys.stderr,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        for scan_id in bar:
-            patient_id = ""
-            try:
-                attrs = volumes.attrs(scan_id)
-                patient_id = str(attrs.get("patient_id", ""))
-                features = extract_features(
-                    volumes.read_volume(scan_id),
-                    extractor,
-                    spacing=attrs["spacing"],
-                    origin=attrs["origin"],
-                    mode=mode,
-                    window=window,
-                    overlap=overlap,
-                    max_patches=max_patches,
-                    batch_size=batch_size,
-                )
-            except Exception as error:  # noqa: BLE001 - one bad scan must not cost the cohort
-                reason = _one_line(error)
-                bar.write(f"voxelfm embed: warning: scan {scan_id}: {reason}", file=sys.stderr)
-                yield EmbeddingRecord(scan_id, patient_id, error=reason)
-                continue
-            seen_preprocessing["spacing_mm"].add(tuple(attrs["spacing"]))
-            seen_preprocessing["hu_range"].add(tuple(attrs.get("hu_range") or ()))
-            seen_preprocessing["version"].add(str(attrs.get("preprocessing_version")))
-            yield EmbeddingRecord(scan_id, patient_id, features)
-        bar.close()
-
-    def preprocessing() -> dict[str, Any]:
-        return {
-            "stores": sorted({str(volumes.store_path(scan_id)) for scan_id in ids}),
-            "spacing_mm": sorted(list(s) for s in seen_preprocessing["spacing_mm"]),
-            "hu_range": sorted(list(r) for r in seen_preprocessing["hu_range"]),
-            "preprocessing_version": sorted(seen_preprocessing["version"]),
-        }
-
-    extraction = {
-        "mode": mode,
-        "window": window,
-        "overlap": overlap,
-        "max_patches": max_patches,
-        "batch_size": batch_size,
-        "device": str(extractor.device),
-        "precision": getattr(extractor, "precision", "fp32"),
-    }
-    return write_embeddings(
-        out_path,
-        records(),
-        extractor,
-        mode=mode,
-        extraction=extraction,
-        preprocessing=preprocessing,
-        store_patches=store_patches,
-        allow_empty=allow_empty,
-    )
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -18,7 +18,7 @@ Resuming at optimiser step ``s`` is then just starting the rank at sample
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from voxelfm.errors import VoxelFMError
 from voxelfm.ssl.masking import BlockMaskGenerator3D, sample_batch_masks
-from voxelfm.ssl.multicrop import CropSource, MultiCropAugmentation, MultiCropConfig
+from voxelfm.ssl.multicrop import CropSource, MultiCropAugmentation, MultiCropSettings
 
 # spawn_key values keeping the permutation and mask streams apart from the crop stream.
 _PERMUTATION_STREAM = 1
@@ -146,21 +146,15 @@ class InfiniteShardedSampler(Sampler[int]):
 
 
 @dataclass(frozen=True)
-class IBOTMaskingConfig:
-    """iBOT masking of the global crops (dinov2/VoxelFM ``ibot`` section)."""
+class IBOTMaskingSettings:
+    """iBOT masking of the global crops. A training recipe sets the first two from its
+    ``ibot`` section (``voxelfm.train.settings.IBOTSettings.masking``) and has no keys for
+    the last two; the defaults are the VoxelFM reference values."""
 
     mask_probability: float = 0.5  # fraction of global crops that are masked
     mask_ratio_range: tuple[float, float] = (0.1, 0.5)  # patches masked in a masked crop
     min_block_patches: int = 4
     min_aspect: float = 0.3
-
-    @classmethod
-    def from_recipe(cls, ibot: Mapping[str, Any]) -> IBOTMaskingConfig:
-        """From the ``ibot`` section of the SSL config (loss and head keys are ignored)."""
-        return cls(
-            mask_probability=float(ibot["mask_sample_probability"]),
-            mask_ratio_range=tuple(float(r) for r in ibot["mask_ratio_min_max"]),
-        )
 
 
 def collate_ssl_batch(
@@ -216,7 +210,7 @@ class SSLCollate:
     """Picklable collate function: masks seeded by the batch's sample keys."""
 
     def __init__(
-        self, base_seed: int, mask_generator: BlockMaskGenerator3D, masking: IBOTMaskingConfig
+        self, base_seed: int, mask_generator: BlockMaskGenerator3D, masking: IBOTMaskingSettings
     ):
         self.base_seed = base_seed
         self.mask_generator = mask_generator
@@ -265,13 +259,13 @@ class SSLDataLoader(DataLoader):
 
 def build_ssl_dataloader(
     store: CropSource,
-    crop_config: MultiCropConfig,
+    crops: MultiCropSettings,
     *,
     batch_size_per_rank: int,
     num_workers: int,
     base_seed: int,
     patch_size: int,
-    masking: IBOTMaskingConfig = IBOTMaskingConfig(),
+    masking: IBOTMaskingSettings = IBOTMaskingSettings(),
     start_iteration: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -281,18 +275,18 @@ def build_ssl_dataloader(
     ``start_iteration``: batches this rank has already consumed (optimiser steps times
     gradient-accumulation micro-batches); the loader resumes exactly after them.
     """
-    if crop_config.global_crop_size % patch_size:
+    if crops.global_crop_size % patch_size:
         raise ValueError(
-            f"global_crop_size {crop_config.global_crop_size} is not a multiple of "
+            f"global_crop_size {crops.global_crop_size} is not a multiple of "
             f"patch_size {patch_size}"
         )
-    cells = crop_config.global_crop_size // patch_size
+    cells = crops.global_crop_size // patch_size
     mask_generator = BlockMaskGenerator3D(
         (cells, cells, cells),
         min_block_patches=masking.min_block_patches,
         min_aspect=masking.min_aspect,
     )
-    dataset = SSLDataset(store, MultiCropAugmentation(crop_config), base_seed)
+    dataset = SSLDataset(store, MultiCropAugmentation(crops), base_seed)
     sampler = InfiniteShardedSampler(
         len(dataset),
         seed=base_seed,

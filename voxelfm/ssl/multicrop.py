@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
@@ -68,8 +69,10 @@ class CropSource(Protocol):
 
 
 @dataclass(frozen=True)
-class MultiCropConfig:
-    """The multi-crop recipe; defaults are the VoxelFM reference values (see module doc)."""
+class MultiCropSettings:
+    """The multi-crop recipe. The defaults are the VoxelFM reference values, those of the
+    ``crops`` section of ``voxelfm/configs/ssl_default.yaml`` (a test checks they agree);
+    they serve code that builds views without a training config."""
 
     global_crop_size: int = 112  # G: global crops are (G, G, G) voxels
     local_crop_size: int = 56  # L
@@ -91,66 +94,125 @@ class MultiCropConfig:
     noise_std: float = 0.0  # HU; Gaussian noise before clipping
 
     def __post_init__(self) -> None:
-        # YAML gives lists; keep the frozen config hashable and comparable.
-        for name in (
-            "global_crop_scale",
-            "local_crop_scale",
-            "aspect_ratio_range",
-            "hu_clip",
-            "global_window_probability",
-            "window_width_range",
-        ):
+        self._check_types()
+        # YAML gives lists; keep the frozen settings hashable and comparable.
+        for name in _PAIRS:
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         self._validate()
 
     @classmethod
-    def from_recipe(cls, crops: Mapping[str, Any]) -> MultiCropConfig:
-        """From the ``crops`` section of the SSL config (dinov2 key names or field names)."""
-        renamed = {_RECIPE_KEY_ALIASES.get(key, key): value for key, value in crops.items()}
+    def from_config(cls, config: Mapping[str, Any]) -> MultiCropSettings:
+        """From the ``crops`` section of an SSL config (dinov2 key names or field names)."""
+        renamed = {_CONFIG_KEY_ALIASES.get(key, key): value for key, value in config.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(renamed) - known)
         if unknown:
-            raise VoxelFMError(f"unknown crops config keys: {', '.join(unknown)}")
+            raise VoxelFMError(
+                f"unknown SSL config key 'crops.{unknown[0]}'; known keys here: "
+                f"{', '.join(sorted(_config_key(name) for name in known))}"
+            )
         return cls(**renamed)
 
-    def _validate(self) -> None:
-        def require(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"MultiCropConfig: {message}")
+    def _check_types(self) -> None:
+        for name in ("global_crop_size", "local_crop_size", "n_local_crops", "reference_extent"):
+            value = getattr(self, name)
+            if not (_is_integer(value) or (value is None and name == "reference_extent")):
+                raise _invalid(name, "an integer", value)
+        for name in _PAIRS:
+            value = getattr(self, name)
+            if not (
+                isinstance(value, (list, tuple))
+                and len(value) == 2
+                and all(_is_number(v) for v in value)
+            ):
+                raise _invalid(name, "a pair [a, b] of numbers", value)
+        for name in _NUMBERS:
+            if not _is_number(getattr(self, name)):
+                raise _invalid(name, "a number", getattr(self, name))
 
-        require(self.global_crop_size >= 1 and self.local_crop_size >= 1, "crop sizes must be >= 1")
-        require(self.n_local_crops >= 0, "n_local_crops must be >= 0")
+    def _validate(self) -> None:
+        def require(ok: bool, name: str, condition: str) -> None:
+            if not ok:
+                raise _invalid(name, condition, getattr(self, name))
+
+        require(self.global_crop_size >= 1, "global_crop_size", ">= 1")
+        require(self.local_crop_size >= 1, "local_crop_size", ">= 1")
+        require(self.n_local_crops >= 0, "n_local_crops", ">= 0")
         for name in ("global_crop_scale", "local_crop_scale"):
             low, high = getattr(self, name)
-            require(0 < low <= high, f"{name} must satisfy 0 < min <= max, got {(low, high)}")
+            require(0 < low <= high, name, "[min, max] with 0 < min <= max")
         require(
             self.reference_extent is None or self.reference_extent >= 1,
-            "reference_extent must be None or >= 1",
+            "reference_extent",
+            "null or >= 1",
         )
         low, high = self.aspect_ratio_range
-        require(0 < low <= 1 <= high, "aspect_ratio_range must satisfy 0 < min <= 1 <= max")
-        probabilities = (
-            self.axis_permutation_probability,
-            self.global_flip_probability,
-            self.local_flip_probability,
-            *self.global_window_probability,
+        require(0 < low <= 1 <= high, "aspect_ratio_range", "[min, max] with 0 < min <= 1 <= max")
+        for name in (
+            "axis_permutation_probability",
+            "global_flip_probability",
+            "local_flip_probability",
+        ):
+            require(0 <= getattr(self, name) <= 1, name, "a probability in [0, 1]")
+        require(
+            all(0 <= p <= 1 for p in self.global_window_probability),
+            "global_window_probability",
+            "one probability in [0, 1] per global view",
         )
-        require(all(0 <= p <= 1 for p in probabilities), "probabilities must lie in [0, 1]")
-        require(len(self.global_window_probability) == 2, "one window probability per global view")
-        require(self.hu_clip[0] < self.hu_clip[1], "hu_clip must be (low, high) with low < high")
-        require(self.normalisation_std > 0, "normalisation_std must be > 0")
+        require(self.hu_clip[0] < self.hu_clip[1], "hu_clip", "[low, high] with low < high")
+        require(self.normalisation_std > 0, "normalisation_std", "> 0")
         low, high = self.window_width_range
-        require(0 < low <= high, "window_width_range must satisfy 0 < min <= max")
-        require(self.window_level_jitter >= 0 and self.noise_std >= 0, "jitter/noise must be >= 0")
+        require(0 < low <= high, "window_width_range", "[min, max] with 0 < min <= max")
+        require(self.window_level_jitter >= 0, "window_level_jitter", ">= 0")
+        require(self.noise_std >= 0, "noise_std", ">= 0")
 
 
-_RECIPE_KEY_ALIASES = {
+_PAIRS = (
+    "global_crop_scale",
+    "local_crop_scale",
+    "aspect_ratio_range",
+    "hu_clip",
+    "global_window_probability",
+    "window_width_range",
+)
+_NUMBERS = (
+    "axis_permutation_probability",
+    "global_flip_probability",
+    "local_flip_probability",
+    "normalisation_mean",
+    "normalisation_std",
+    "window_level_jitter",
+    "min_window_width",
+    "noise_std",
+)
+# The dinov2 names the YAML uses for some fields.
+_CONFIG_KEY_ALIASES = {
     "global_crops_size": "global_crop_size",
     "local_crops_size": "local_crop_size",
     "local_crops_number": "n_local_crops",
     "global_crops_scale": "global_crop_scale",
     "local_crops_scale": "local_crop_scale",
 }
+_FIELD_CONFIG_KEYS = {field_name: key for key, field_name in _CONFIG_KEY_ALIASES.items()}
+
+
+def _config_key(name: str) -> str:
+    return _FIELD_CONFIG_KEYS.get(name, name)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _invalid(name: str, expected: str, value: Any) -> VoxelFMError:
+    """The error for field ``name``, named by its key in the ``crops`` section."""
+    return VoxelFMError(
+        f"SSL config key 'crops.{_config_key(name)}' must be {expected}, got {value!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -213,8 +275,8 @@ class MultiCropAugmentation:
     ``local_crops`` (N, 1, L, L, L), float32, standardised HU.
     """
 
-    def __init__(self, config: MultiCropConfig):
-        self.config = config
+    def __init__(self, settings: MultiCropSettings):
+        self.settings = settings
 
     def __call__(
         self, store: CropSource, scan_id: str, rng: np.random.Generator
@@ -230,7 +292,7 @@ class MultiCropAugmentation:
         rendered = [self.render_region(region, crop) for region, crop in zip(regions, crops)]
         n_global = len(plan.global_crops)
         global_crops, local_crops = rendered[:n_global], rendered[n_global:]
-        local_size = self.config.local_crop_size
+        local_size = self.settings.local_crop_size
         return {
             "global_crops": torch.stack(global_crops),  # (2, 1, G, G, G)
             "local_crops": (  # (N, 1, L, L, L)
@@ -242,28 +304,28 @@ class MultiCropAugmentation:
 
     def plan(self, volume_shape: Triple, rng: np.random.Generator) -> MultiCropPlan:
         """Draw every crop of one sample; a pure function of the shape and ``rng``."""
-        cfg = self.config
+        settings = self.settings
         global_crops = tuple(
             self._plan_crop(
                 volume_shape,
                 rng,
-                output_size=cfg.global_crop_size,
-                scale_range=cfg.global_crop_scale,
-                flip_probability=cfg.global_flip_probability,
+                output_size=settings.global_crop_size,
+                scale_range=settings.global_crop_scale,
+                flip_probability=settings.global_flip_probability,
                 window_probability=window_probability,
             )
-            for window_probability in cfg.global_window_probability
+            for window_probability in settings.global_window_probability
         )
         local_crops = tuple(
             self._plan_crop(
                 volume_shape,
                 rng,
-                output_size=cfg.local_crop_size,
-                scale_range=cfg.local_crop_scale,
-                flip_probability=cfg.local_flip_probability,
+                output_size=settings.local_crop_size,
+                scale_range=settings.local_crop_scale,
+                flip_probability=settings.local_flip_probability,
                 window_probability=0.0,
             )
-            for _ in range(cfg.n_local_crops)
+            for _ in range(settings.n_local_crops)
         )
         return MultiCropPlan(global_crops=global_crops, local_crops=local_crops)
 
@@ -277,21 +339,21 @@ class MultiCropAugmentation:
         flip_probability: float,
         window_probability: float,
     ) -> CropPlan:
-        cfg = self.config
+        settings = self.settings
         start, size = sample_region(
-            volume_shape, scale_range, cfg.reference_extent, cfg.aspect_ratio_range, rng
+            volume_shape, scale_range, settings.reference_extent, settings.aspect_ratio_range, rng
         )
         axis_order = _IDENTITY
-        if rng.random() < cfg.axis_permutation_probability:
+        if rng.random() < settings.axis_permutation_probability:
             axis_order = _NON_IDENTITY_ORDERS[int(rng.integers(len(_NON_IDENTITY_ORDERS)))]
         flip_axes = tuple(int(axis) for axis in np.flatnonzero(rng.random(3) < flip_probability))
         window = None
         if window_probability > 0 and rng.random() < window_probability:
             window = WindowDraw(
-                level_offset=cfg.window_level_jitter * rng.standard_normal(),
-                width=rng.uniform(*cfg.window_width_range),
+                level_offset=settings.window_level_jitter * rng.standard_normal(),
+                width=rng.uniform(*settings.window_width_range),
             )
-        noise_seed = int(rng.integers(2**63)) if cfg.noise_std > 0 else None
+        noise_seed = int(rng.integers(2**63)) if settings.noise_std > 0 else None
         return CropPlan(start, size, output_size, axis_order, flip_axes, window, noise_seed)
 
     def render(self, store: CropSource, scan_id: str, plan: CropPlan) -> torch.Tensor:
@@ -300,7 +362,7 @@ class MultiCropAugmentation:
 
     def render_region(self, region: np.ndarray, plan: CropPlan) -> torch.Tensor:
         """(1, S, S, S) float32 network input from the int16 (nx, ny, nz) planned region."""
-        cfg = self.config
+        settings = self.settings
         hu = torch.from_numpy(region.astype(np.float32))[None, None]  # (1, 1, nx, ny, nz)
         side = plan.output_size
         hu = F.interpolate(hu, size=(side, side, side), mode="trilinear", align_corners=False)
@@ -308,19 +370,21 @@ class MultiCropAugmentation:
         if plan.flip_axes:
             hu = hu.flip(plan.flip_axes)
         if plan.window is not None:
-            hu = _clip_to_random_window(hu, plan.window, cfg)
+            hu = _clip_to_random_window(hu, plan.window, settings)
         if plan.noise_seed is not None:
             noise = np.random.default_rng(plan.noise_seed).standard_normal(hu.shape, np.float32)
-            hu = hu + cfg.noise_std * torch.from_numpy(noise)
-        hu = standardise_hu(hu, cfg.hu_clip, cfg.normalisation_mean, cfg.normalisation_std)
+            hu = hu + settings.noise_std * torch.from_numpy(noise)
+        hu = standardise_hu(
+            hu, settings.hu_clip, settings.normalisation_mean, settings.normalisation_std
+        )
         return hu.contiguous()[None]
 
 
 def _clip_to_random_window(
-    hu: torch.Tensor, window: WindowDraw, cfg: MultiCropConfig
+    hu: torch.Tensor, window: WindowDraw, settings: MultiCropSettings
 ) -> torch.Tensor:
     """Clip (S, S, S) HU to a window placed relative to the crop's own HU distribution."""
-    low, high = cfg.hu_clip
+    low, high = settings.hu_clip
     # Every second voxel per axis: the quantiles barely move and cost an eighth.
     values = hu.numpy()[::2, ::2, ::2]
     # Air below the clip range (and HU_MIN padding) would drag every window toward -1000.
@@ -330,5 +394,5 @@ def _clip_to_random_window(
     p01, q1, median, q3, p99 = np.quantile(values, _WINDOW_QUANTILES)
     spread = q3 - q1 if q3 - q1 >= 1.0 else max(p99 - p01, 1.0)
     level = median + window.level_offset * spread
-    width = max(window.width * spread, cfg.min_window_width)
+    width = max(window.width * spread, settings.min_window_width)
     return hu.clamp(float(level - width / 2), float(level + width / 2))

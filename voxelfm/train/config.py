@@ -1,4 +1,9 @@
-"""The SSL recipe as a resolved dictionary: package defaults plus a run's overrides."""
+"""The SSL recipe as a resolved mapping: package defaults plus a run's overrides.
+
+This mapping is the recipe's config: it is saved beside every checkpoint and its hash names
+the run's work folder. ``voxelfm.train.settings.SSLSettings.from_config`` validates it into
+the typed settings the training code reads.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ def merge_overrides(
 
 
 def resolve_ssl_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults with ``overrides`` applied; the single source of a run's settings."""
+    """Defaults with ``overrides`` applied: the whole config of a run."""
     return merge_overrides(default_ssl_config(), overrides or {})
 
 

@@ -23,21 +23,22 @@ _TEACHER_BACKBONE = "teacher.backbone."
 def export_teacher_backbone(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the teacher backbone of ``run_dir`` into the folder ``out_dir``; returns it."""
     from voxelfm.models.weights import save_backbone
+    from voxelfm.train.settings import SSLSettings
     from voxelfm.train.ssl_model import build_backbone
 
     run_dir = Path(run_dir)
     config_path = run_dir / RESOLVED_CONFIG
     if not config_path.is_file():
         raise InputError(run_dir, f"not a pretraining run folder (no {RESOLVED_CONFIG})")
-    cfg = yaml.safe_load(config_path.read_text())
+    config = yaml.safe_load(config_path.read_text())
     state = load_checkpoint(run_dir / FINAL_CHECKPOINT)["model"]
     backbone_state = {
         key[len(_TEACHER_BACKBONE) :]: value
         for key, value in state.items()
         if key.startswith(_TEACHER_BACKBONE)
     }
-    backbone = build_backbone(cfg["model"], drop_path=False)
+    backbone = build_backbone(SSLSettings.from_config(config).model, drop_path=False)
     backbone.load_state_dict(backbone_state, strict=True)
     with atomic_directory(out_dir) as tmp:
-        save_backbone(backbone, tmp, config=cfg)
+        save_backbone(backbone, tmp, config=config)
     return Path(out_dir)

@@ -20,13 +20,16 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from voxelfm.errors import VoxelFMError
 from voxelfm.train.config import config_hash, resolve_ssl_config
 from voxelfm.utils.atomic import atomic_directory, atomic_write_text
+
+if TYPE_CHECKING:
+    from voxelfm.train.settings import SSLSettings
 
 RESOLVED_CONFIG = "config.yaml"
 FINAL_CHECKPOINT = "final_checkpoint.pt"
@@ -35,29 +38,24 @@ PLOT_FILE = "pretraining.png"
 
 
 def micro_batches(
-    cfg: Mapping[str, Any],
+    settings: SSLSettings,
     stores: Sequence[str],
     rank: int,
     world_size: int,
     start_micro_batch: int,
 ) -> Iterator[dict]:
     """The infinite stream of collated micro-batches of this rank, from ``start_micro_batch``."""
-    from voxelfm.models.vision_transformer import VIT_PRESETS
-    from voxelfm.ssl.data import IBOTMaskingConfig, build_ssl_dataloader
-    from voxelfm.ssl.multicrop import MultiCropConfig
+    from voxelfm.ssl.data import build_ssl_dataloader
     from voxelfm.store import VolumeStore
 
-    patch_size = cfg["model"]["overrides"].get(
-        "patch_size", VIT_PRESETS[cfg["model"]["preset"]]["patch_size"]
-    )
     loader = build_ssl_dataloader(
         VolumeStore([Path(s) for s in stores]),
-        MultiCropConfig.from_recipe(cfg["crops"]),
-        batch_size_per_rank=cfg["train"]["batch_size_per_gpu"],
-        num_workers=cfg["train"]["num_workers"],
-        base_seed=cfg["train"]["seed"],
-        patch_size=patch_size,
-        masking=IBOTMaskingConfig.from_recipe(cfg["ibot"]),
+        settings.crops,
+        batch_size_per_rank=settings.train.batch_size_per_gpu,
+        num_workers=settings.train.num_workers,
+        base_seed=settings.train.seed,
+        patch_size=settings.model.patch_size,
+        masking=settings.ibot.masking,
         start_iteration=start_micro_batch,
         rank=rank,
         world_size=world_size,
@@ -98,14 +96,14 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def run_key(cfg: Mapping[str, Any], stores: Sequence[str]) -> str:
+def run_key(config: Mapping[str, Any], stores: Sequence[str]) -> str:
     """Name of a run's work folder: the resolved recipe, the stores' content fingerprints
     (in order: it fixes the data order) and the code version."""
     from voxelfm.ingest.fingerprint import store_fingerprint
 
     return config_hash(
         {
-            "ssl": dict(cfg),
+            "ssl": dict(config),
             "stores": [store_fingerprint(store) for store in stores],
             "code": code_version(),
         }
@@ -119,12 +117,12 @@ def train_worker(work_dir: Path, threads: int, progress: bool = True) -> None:
     from voxelfm.train.trainer import Pretrainer, init_distributed
 
     torch.set_num_threads(max(1, threads))
-    cfg = yaml.safe_load((work_dir / RESOLVED_CONFIG).read_text())
+    config = yaml.safe_load((work_dir / RESOLVED_CONFIG).read_text())
     stores = json.loads((work_dir / STORES_FILE).read_text())
     ctx = init_distributed()
-    trainer = Pretrainer(cfg, work_dir, ctx, progress=progress)
+    trainer = Pretrainer(config, work_dir, ctx, progress=progress)
     batches = micro_batches(
-        cfg, stores, ctx.rank, ctx.world_size, trainer.start_iteration * trainer.accum
+        trainer.settings, stores, ctx.rank, ctx.world_size, trainer.start_iteration * trainer.accum
     )
     reached = trainer.run(batches)
     if reached < trainer.total_iterations:
@@ -155,13 +153,17 @@ def launch_pretraining(
     """
     if nodes < 1 or gpus < 0:
         raise VoxelFMError(f"--nodes must be >= 1 and --gpus >= 0, got {nodes} and {gpus}")
-    cfg = resolve_ssl_config(overrides)
+    # Deferred like torch in train_worker: the settings import it (through voxelfm.ssl).
+    from voxelfm.train.settings import SSLSettings
+
+    config = resolve_ssl_config(overrides)
+    SSLSettings.from_config(config)  # a bad value fails here, before any folder is made
     missing = [s for s in stores if not Path(s).is_dir()]
     if missing:
         raise VoxelFMError(f"Zarr store(s) not found: {', '.join(missing)}")
-    run_dir = Path(work_dir) / run_key(cfg, stores)
+    run_dir = Path(work_dir) / run_key(config, stores)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / RESOLVED_CONFIG, yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(run_dir / RESOLVED_CONFIG, yaml.safe_dump(config, sort_keys=False))
     atomic_write_text(run_dir / STORES_FILE, json.dumps([str(s) for s in stores], indent=1))
     print(f"pretraining in {run_dir}", flush=True)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from voxelfm.train.settings import SSLSettings
+
 METRICS_FILE = "metrics.csv"
 
 
@@ -50,7 +52,7 @@ STALL_POINTS = 3
 STALL_TOLERANCE = 0.01  # |loss_dino - log K| / log K
 
 
-def head_warnings(cfg: Mapping) -> list[str]:
+def head_warnings(settings: SSLSettings) -> list[str]:
     """Recipe problems visible before training: one message per head that has fewer
     prototypes than bottleneck dimensions.
 
@@ -60,12 +62,11 @@ def head_warnings(cfg: Mapping) -> list[str]:
     and a 64-wide bottleneck).
     """
     messages = []
-    for name in ("dino", "ibot"):
-        head = cfg[name]
-        if head["head_n_prototypes"] < head["head_bottleneck_dim"]:
+    for name, head in (("dino", settings.dino), ("ibot", settings.ibot)):
+        if head.head_n_prototypes < head.head_bottleneck_dim:
             messages.append(
-                f"{name}.head_n_prototypes ({head['head_n_prototypes']}) is below "
-                f"{name}.head_bottleneck_dim ({head['head_bottleneck_dim']}): the student can "
+                f"{name}.head_n_prototypes ({head.head_n_prototypes}) is below "
+                f"{name}.head_bottleneck_dim ({head.head_bottleneck_dim}): the student can "
                 "predict uniform targets and stop learning; use at least as many prototypes "
                 "as bottleneck dimensions"
             )

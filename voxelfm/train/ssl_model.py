@@ -8,9 +8,7 @@ training loop owns optimisation, schedules and the EMA update.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +18,7 @@ from voxelfm.ssl.dino_head import DINOHead
 from voxelfm.ssl.losses.dino_clstoken_loss import DINOLoss
 from voxelfm.ssl.losses.ibot_patch_loss import IBOTPatchLoss
 from voxelfm.ssl.losses.koleo_loss import KoLeoLoss
+from voxelfm.train.settings import HeadSettings, ModelSettings, SSLSettings
 
 N_GLOBAL_CROPS = 2
 
@@ -36,28 +35,28 @@ class StepOutputs:
     teacher_probs: Tensor  # (2, B, K) teacher DINO targets, detached
 
 
-def build_backbone(model_cfg: Mapping[str, Any], *, drop_path: bool) -> VisionTransformer3D:
-    """The backbone of a resolved SSL config; the teacher gets no stochastic depth."""
-    rate = model_cfg["drop_path_rate"] if drop_path else 0.0
-    return build_vit(model_cfg["preset"], **{**model_cfg["overrides"], "drop_path_rate": rate})
+def build_backbone(model: ModelSettings, *, drop_path: bool) -> VisionTransformer3D:
+    """The backbone of an SSL recipe; the teacher gets no stochastic depth."""
+    rate = model.drop_path_rate if drop_path else 0.0
+    return build_vit(model.preset, **{**model.overrides, "drop_path_rate": rate})
 
 
-def _build_head(embed_dim: int, head_cfg: Mapping[str, Any]) -> DINOHead:
+def _build_head(embed_dim: int, head: HeadSettings) -> DINOHead:
     return DINOHead(
         embed_dim,
-        n_prototypes=head_cfg["head_n_prototypes"],
-        n_layers=head_cfg["head_nlayers"],
-        hidden_dim=head_cfg["head_hidden_dim"],
-        bottleneck_dim=head_cfg["head_bottleneck_dim"],
-        trainable_gain=head_cfg["head_weight_norm_gain_trainable"],
+        n_prototypes=head.head_n_prototypes,
+        n_layers=head.head_nlayers,
+        hidden_dim=head.head_hidden_dim,
+        bottleneck_dim=head.head_bottleneck_dim,
+        trainable_gain=head.head_weight_norm_gain_trainable,
     )
 
 
-def _build_branch(cfg: Mapping[str, Any], *, drop_path: bool) -> nn.ModuleDict:
-    backbone = build_backbone(cfg["model"], drop_path=drop_path)
-    modules = {"backbone": backbone, "dino_head": _build_head(backbone.embed_dim, cfg["dino"])}
-    if cfg["ibot"]["separate_head"]:
-        modules["ibot_head"] = _build_head(backbone.embed_dim, cfg["ibot"])
+def _build_branch(settings: SSLSettings, *, drop_path: bool) -> nn.ModuleDict:
+    backbone = build_backbone(settings.model, drop_path=drop_path)
+    modules = {"backbone": backbone, "dino_head": _build_head(backbone.embed_dim, settings.dino)}
+    if settings.ibot.separate_head:
+        modules["ibot_head"] = _build_head(backbone.embed_dim, settings.ibot)
     return nn.ModuleDict(modules)
 
 
@@ -79,32 +78,31 @@ class SelfDistillationModel(nn.Module):
     (DINOv2 computes it per GPU).
     """
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, settings: SSLSettings):
         super().__init__()
-        self.cfg = cfg
-        self.student = _build_branch(cfg, drop_path=True)
-        self.teacher = _build_branch(cfg, drop_path=False)
+        self.student = _build_branch(settings, drop_path=True)
+        self.teacher = _build_branch(settings, drop_path=False)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
 
-        normalisation = cfg["dino"]["teacher_normalisation"]
+        dino, ibot = settings.dino, settings.ibot
         self.dino_loss = DINOLoss(
-            cfg["dino"]["head_n_prototypes"],
-            student_temp=cfg["dino"]["student_temp"],
-            teacher_normalisation=normalisation,
-            centre_momentum=cfg["dino"]["center_momentum"],
+            dino.head_n_prototypes,
+            student_temp=dino.student_temp,
+            teacher_normalisation=dino.teacher_normalisation,
+            centre_momentum=dino.center_momentum,
         )
         self.ibot_loss = IBOTPatchLoss(
-            cfg["ibot"]["head_n_prototypes"],
-            student_temp=cfg["dino"]["student_temp"],
-            teacher_normalisation=normalisation,
-            centre_momentum=cfg["dino"]["center_momentum"],
+            ibot.head_n_prototypes,
+            student_temp=dino.student_temp,
+            teacher_normalisation=dino.teacher_normalisation,
+            centre_momentum=dino.center_momentum,
         )
         self.koleo_loss = KoLeoLoss()
         self.weights = {
-            "dino": cfg["dino"]["loss_weight"],
-            "ibot": cfg["ibot"]["loss_weight"],
-            "koleo": cfg["dino"]["koleo_loss_weight"],
+            "dino": dino.loss_weight,
+            "ibot": ibot.loss_weight,
+            "koleo": dino.koleo_loss_weight,
         }
 
     @property

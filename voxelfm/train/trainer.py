@@ -42,6 +42,7 @@ from voxelfm.train.monitor import (
     head_warnings,
     teacher_entropy,
 )
+from voxelfm.train.settings import SSLSettings, TrainSettings
 from voxelfm.train.ssl_model import SelfDistillationModel
 
 CHECKPOINT_DIR = "checkpoints"
@@ -72,41 +73,35 @@ def init_distributed() -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, device=device)
 
 
-def build_schedules(cfg: Mapping[str, Any]) -> SSLSchedules:
-    """The four schedules of a resolved config, in iterations (optimiser steps)."""
-    epochs = cfg["train"]["epochs"]
-    per_epoch = cfg["train"]["official_epoch_length"]
-    sched = cfg["schedules"]
+def build_schedules(settings: SSLSettings) -> SSLSchedules:
+    """The four schedules of a recipe, in iterations (optimiser steps)."""
+    epochs = settings.train.epochs
+    per_epoch = settings.train.official_epoch_length
 
     def cosine(start: float, peak: float, end: float, warmup_epochs: float) -> WarmupCosineSchedule:
         return WarmupCosineSchedule.from_epochs(start, peak, end, warmup_epochs, epochs, per_epoch)
 
-    lr = sched["lr"]
-    peak_lr = lr["peak"]
-    if cfg["optim"]["scaling_rule"] == "sqrt_wrt_1024":
-        peak_lr = sqrt_batch_scaled_lr(peak_lr, cfg["train"]["total_batch_size"])
-    temp = sched["teacher_temp"]
+    lr = settings.schedules.lr
+    peak_lr = lr.peak
+    if settings.optim.scaling_rule == "sqrt_wrt_1024":
+        peak_lr = sqrt_batch_scaled_lr(peak_lr, settings.train.total_batch_size)
+    weight_decay = settings.schedules.weight_decay
+    momentum = settings.schedules.momentum
+    temp = settings.schedules.teacher_temp
     return SSLSchedules(
-        lr=cosine(lr["start"], peak_lr, lr["end"], lr["warmup_epochs"]),
-        weight_decay=cosine(
-            sched["weight_decay"]["start"],
-            sched["weight_decay"]["start"],
-            sched["weight_decay"]["end"],
-            0,
-        ),
-        teacher_momentum=cosine(
-            sched["momentum"]["start"], sched["momentum"]["start"], sched["momentum"]["end"], 0
-        ),
+        lr=cosine(lr.start, peak_lr, lr.end, lr.warmup_epochs),
+        weight_decay=cosine(weight_decay.start, weight_decay.start, weight_decay.end, 0),
+        teacher_momentum=cosine(momentum.start, momentum.start, momentum.end, 0),
         # Warm up to the peak, then hold it: the cosine runs from peak to peak.
-        teacher_temp=cosine(temp["start"], temp["peak"], temp["peak"], temp["warmup_epochs"]),
-        freeze_last_layer_iters=int(lr["freeze_last_layer_epochs"] * per_epoch),
+        teacher_temp=cosine(temp.start, temp.peak, temp.peak, temp.warmup_epochs),
+        freeze_last_layer_iters=int(lr.freeze_last_layer_epochs * per_epoch),
     )
 
 
-def accumulation_steps(cfg: Mapping[str, Any], world_size: int) -> int:
+def accumulation_steps(train: TrainSettings, world_size: int) -> int:
     """Micro-batches per optimiser step so that the effective batch is total_batch_size."""
-    per_step = cfg["train"]["batch_size_per_gpu"] * world_size
-    total = cfg["train"]["total_batch_size"]
+    per_step = train.batch_size_per_gpu * world_size
+    total = train.total_batch_size
     if total % per_step:
         raise VoxelFMError(
             f"train.total_batch_size ({total}) must be a multiple of batch_size_per_gpu x "
@@ -139,48 +134,53 @@ class _StopRequested:
 
 
 class Pretrainer:
-    """Owns the model, optimiser and schedules of one run; :meth:`run` trains to the end."""
+    """Owns the model, optimiser and schedules of one run; :meth:`run` trains to the end.
+
+    ``config`` is the resolved SSL config (``resolve_ssl_config``); it is validated into
+    :attr:`settings` and saved as it is in every checkpoint.
+    """
 
     def __init__(
         self,
-        cfg: Mapping[str, Any],
+        config: Mapping[str, Any],
         work_dir: Path,
         ctx: DistributedContext,
         *,
         progress: bool = True,
     ):
-        self.cfg = cfg
+        self.config = config
+        self.settings = settings = SSLSettings.from_config(config)
         self.work_dir = Path(work_dir)
         self.ctx = ctx
         self.progress = progress and ctx.is_main
-        self.accum = accumulation_steps(cfg, ctx.world_size)
-        self.total_iterations = cfg["train"]["epochs"] * cfg["train"]["official_epoch_length"]
-        self.schedules = build_schedules(cfg)
+        self.accum = accumulation_steps(settings.train, ctx.world_size)
+        self.total_iterations = settings.train.total_iterations
+        self.schedules = build_schedules(settings)
 
-        torch.manual_seed(cfg["train"]["seed"])  # same initial weights on every rank
-        self.model = SelfDistillationModel(cfg).to(ctx.device)
+        torch.manual_seed(settings.train.seed)  # same initial weights on every rank
+        self.model = SelfDistillationModel(settings).to(ctx.device)
         student = self.model.student
         groups = build_param_groups(
             dict(student.items()),
             num_layers=len(student["backbone"].blocks),
-            layer_decay=cfg["optim"]["layerwise_decay"],
-            patch_embed_lr_mult=cfg["optim"]["patch_embed_lr_mult"],
+            layer_decay=settings.optim.layerwise_decay,
+            patch_embed_lr_mult=settings.optim.patch_embed_lr_mult,
             layer_id_fn=layer_id_for_param,
         )
         self.optimizer = torch.optim.AdamW(
             groups,
             lr=0.0,  # set every iteration by the schedule
-            betas=(cfg["optim"]["adamw_beta1"], cfg["optim"]["adamw_beta2"]),
+            betas=(settings.optim.adamw_beta1, settings.optim.adamw_beta2),
         )
         self.start_iteration = self._resume()
-        if cfg["train"]["compile"]:
+        if settings.train.compile:
             # Module.compile keeps parameter names, so the EMA update and checkpoints see the
             # same state dict as an eager run.
             for network in (self.model.student, self.model.teacher):
                 network["backbone"].compile()
         # Distinct but reproducible stochastic depth on each rank.
         if self.start_iteration == 0:
-            torch.manual_seed(cfg["train"]["seed"] + 1000 * ctx.rank)
+            torch.manual_seed(settings.train.seed + 1000 * ctx.rank)
         self.model.train()
         self.forward_model: nn.Module = self.model
         if ctx.world_size > 1:
@@ -222,16 +222,16 @@ class Pretrainer:
                 "optimizer": self.optimizer.state_dict(),
                 "iteration": iteration,
                 "rng": states,
-                "config": dict(self.cfg),
+                "config": dict(self.config),
             }
             save_checkpoint(
-                self.checkpoint_dir, iteration, state, self.cfg["checkpointing"]["max_to_keep"]
+                self.checkpoint_dir, iteration, state, self.settings.checkpointing.max_to_keep
             )
         if self.ctx.world_size > 1:
             dist.barrier()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg["train"]["compute_precision"] == "bf16":
+        if self.settings.train.compute_precision == "bf16":
             return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -274,7 +274,7 @@ class Pretrainer:
                 f"training diverged at iteration {iteration + 1}: loss is not finite"
             )
         grad_norms = []
-        clip = self.cfg["optim"]["clip_grad"]
+        clip = self.settings.optim.clip_grad
         for module in self.model.student.values():  # per submodule, as dinov2 clips
             params = [p for p in module.parameters() if p.grad is not None]
             if params and clip:
@@ -317,14 +317,14 @@ class Pretrainer:
                 dynamic_ncols=True,
                 mininterval=2.0,
             )
-        period = self.cfg["checkpointing"]["period_iterations"]
-        log_period = self.cfg["monitoring"]["log_period_iterations"]
-        samples_per_step = self.cfg["train"]["total_batch_size"]
+        period = self.settings.checkpointing.period_iterations
+        log_period = self.settings.monitoring.log_period_iterations
+        samples_per_step = self.settings.train.total_batch_size
         iteration = self.start_iteration
         tick = time.perf_counter()
-        health = TrainingHealth(self.cfg["dino"]["head_n_prototypes"])
+        health = TrainingHealth(self.settings.dino.head_n_prototypes)
         if self.ctx.is_main:
-            for message in head_warnings(self.cfg):
+            for message in head_warnings(self.settings):
                 print(f"warning: {message}", file=sys.stderr, flush=True)
         try:
             while iteration < end:

@@ -33,11 +33,11 @@ def adapted_dir(dataset):
 def adapter_arguments(dataset):
     """`voxelfm adapt` arguments for a dataset configured with an adapter (a list: the shell
     command quotes each item with `{params.x:q}`)."""
-    spec = config["datasets"][dataset]["adapter"]
+    adapter = config["datasets"][dataset]["adapter"]
     # adapter_root names the config's own environment variable when it is unset
-    root = adapter_root(dataset, spec)
-    arguments = [spec["name"], "--root", root, "--seed", str(spec["seed"])]
-    for key, value in sorted(spec["options"].items()):
+    root = adapter_root(dataset, adapter)
+    arguments = [adapter["name"], "--root", root, "--seed", str(adapter["seed"])]
+    for key, value in sorted(adapter["options"].items()):
         arguments += ["--option", f"{key}={value}"]
     return arguments
 
@@ -45,10 +45,10 @@ def adapter_arguments(dataset):
 def manifest_source(wildcards):
     """The manifest a dataset starts from: a user file, an adapter's output folder, or the
     synthetic cohort folder."""
-    spec = config["datasets"][wildcards.dataset]
-    if "manifest" in spec:
-        return spec["manifest"]
-    if "adapter" in spec:
+    entry = config["datasets"][wildcards.dataset]
+    if "manifest" in entry:
+        return entry["manifest"]
+    if "adapter" in entry:
         return adapted_dir(wildcards.dataset)
     return RESULTS / "synthetic" / wildcards.dataset
 
@@ -82,27 +82,27 @@ def task_pattern(tasks):
     return "|".join(re.escape(t) for t in tasks) or "(?!)"
 
 
-def backbone_spec(backbone):
-    """The backbone's config spec with "pretrained" replaced by the exported teacher (and
+def backbone_config(backbone):
+    """The backbone's config with "pretrained" replaced by the exported teacher (and
     without its workflow-level `extraction` overrides)."""
-    spec = dict(EVALUATION["backbones"][backbone])
-    spec.pop("extraction", None)
+    entry = dict(EVALUATION["backbones"][backbone])
+    entry.pop("extraction", None)
     for key in ("path", "like"):
-        if spec.get(key) == "pretrained":
+        if entry.get(key) == "pretrained":
             if not config["pretrain"]["enabled"]:
                 raise ValueError(
                     f"backbone {backbone!r} uses the pretrained teacher but pretrain.enabled "
                     "is false"
                 )
-            spec[key] = str(PRETRAINED_BACKBONE)
-    return spec
+            entry[key] = str(PRETRAINED_BACKBONE)
+    return entry
 
 
 def backbone_inputs(wildcards):
     """Files a backbone is built from that this workflow produces (the exported teacher)."""
-    spec = backbone_spec(wildcards.backbone)
+    entry = backbone_config(wildcards.backbone)
     return [
-        spec[k] for k in ("path", "like") if spec.get(k) == str(PRETRAINED_BACKBONE)
+        entry[k] for k in ("path", "like") if entry.get(k) == str(PRETRAINED_BACKBONE)
     ]
 
 
@@ -130,12 +130,12 @@ def embedding_stores(backbone, dataset=EVAL_DATASET):
 
 def label_table(dataset=EVAL_DATASET):
     """A label CSV, or a folder with labels.csv (synthetic cohort, adapter output)."""
-    spec = config["datasets"][dataset]
-    if "labels" in spec:
-        return spec["labels"]
-    if "synthetic" in spec:
+    entry = config["datasets"][dataset]
+    if "labels" in entry:
+        return entry["labels"]
+    if "synthetic" in entry:
         return RESULTS / "synthetic" / dataset
-    if "adapter" in spec:
+    if "adapter" in entry:
         return adapted_dir(dataset)
     raise ValueError(
         f"dataset {dataset!r} has no label table (datasets.{dataset}.labels)"

@@ -23,7 +23,7 @@ rule embed:
         runtime=60,
     params:
         version=versions.EMBED_VERSION,
-        spec=lambda wc: as_cli_json(backbone_spec(wc.backbone)),
+        spec=lambda wc: as_cli_json(backbone_config(wc.backbone)),
         options=lambda wc: extraction_options(wc.backbone),
     shell:
         "voxelfm embed --stores {input.stores:q} --backbone {wildcards.backbone:q}"

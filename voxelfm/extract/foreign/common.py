@@ -2,8 +2,11 @@
 
 What every adapter needs and would otherwise repeat:
 
-* :func:`foreign_options` - the spec options every adapter accepts (``path``,
+* :func:`foreign_options` - the config options every adapter accepts (``path``,
   ``random_weights``, ``name``, ``device``, ``spacing_mm``) plus its own, checked.
+* :func:`build_encoder_model` - the encoder built under the config's seed (the global RNG
+  untouched, so random-weights controls are reproducible), then its weights loaded unless
+  ``random_weights``.
 * :func:`load_release_state_dict` / :func:`load_encoder_weights` - weights from a local file
   only (``torch.load(weights_only=True)`` or safetensors), the release's key prefixes
   stripped, its other towers ignored, then ``load_state_dict(strict=True)`` with a one-line
@@ -23,9 +26,8 @@ each step is affine, so model coordinate ``m = scale * v + shift`` for our coord
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from voxelfm.errors import InputError, VoxelFMError
-from voxelfm.extract.backbones import FeatureExtractor, _file_sha256, _options, _spacing
+from voxelfm.extract.interface import (
+    FeatureExtractor,
+    backbone_options,
+    file_sha256,
+    parse_spacing_mm,
+    resolve_device,
+)
 from voxelfm.utils.jsonable import to_jsonable
 
 RANDOM_WEIGHTS_LABEL = "random (NOT the released model)"
@@ -45,23 +53,23 @@ COMMON_OPTIONAL = ("path", "random_weights", "name", "device", "spacing_mm")
 _STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "network")
 
 
-# --- spec options ---------------------------------------------------------------------------
+# --- config options -------------------------------------------------------------------------
 
 
 def foreign_options(
-    spec: Mapping[str, Any], model: str, *, optional: Iterable[str] = ()
+    config: Mapping[str, Any], model: str, *, optional: Iterable[str] = ()
 ) -> dict[str, Any]:
-    """The spec's options checked: ``path`` is required unless ``random_weights`` is true.
+    """The config's options checked: ``path`` is required unless ``random_weights`` is true.
 
     Args:
-        spec: the backbone spec (with ``kind``).
+        config: the backbone's config (with ``kind``).
         model: the model's display name for messages ("Merlin").
         optional: the adapter's own option names, beyond :data:`COMMON_OPTIONAL`.
 
     Returns:
         the options (without ``kind``); ``random_weights`` normalised to a bool.
     """
-    options = _options(spec, required=(), optional=(*COMMON_OPTIONAL, *optional))
+    options = backbone_options(config, required=(), optional=(*COMMON_OPTIONAL, *optional))
     random_weights = options.get("random_weights", False)
     if not isinstance(random_weights, bool):
         raise VoxelFMError(f"{model}: random_weights must be true or false, got {random_weights!r}")
@@ -70,16 +78,16 @@ def foreign_options(
         raise VoxelFMError(f"{model}: give either 'path' or 'random_weights: true', not both")
     if not random_weights and "path" not in options:
         raise VoxelFMError(
-            f"{spec.get('kind')} backbone spec is missing path (the {model} weight file; "
+            f"{config.get('kind')} backbone config is missing path (the {model} weight file; "
             "or random_weights: true for an untrained control)"
         )
     return options
 
 
 def spacing_option(options: Mapping[str, Any], default: Sequence[float] | None):
-    """``spacing_mm`` from the spec, else the model's own default (None = any)."""
+    """``spacing_mm`` from the config, else the model's own default (None = any)."""
     value = options.get("spacing_mm", default)
-    return _spacing(value)
+    return parse_spacing_mm(value)
 
 
 # --- weights ----------------------------------------------------------------------------------
@@ -189,7 +197,7 @@ def load_encoder_weights(
             f"model {tuple(expected[key].shape)})",
         )
     module.load_state_dict(state, strict=True)
-    return _file_sha256(Path(os.path.expanduser(str(path))))
+    return file_sha256(Path(os.path.expanduser(str(path))))
 
 
 # --- geometry -------------------------------------------------------------------------------
@@ -363,7 +371,7 @@ class ForeignExtractor(FeatureExtractor):
         self,
         *,
         name: str,
-        spec: Mapping[str, Any],
+        config: Mapping[str, Any],
         device: torch.device,
         precision: str,
         embed_dim: int,
@@ -375,7 +383,7 @@ class ForeignExtractor(FeatureExtractor):
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
-        self.spec = dict(spec)
+        self.config = dict(config)  # FeatureExtractor's name for it (describe(), stores)
         self.device = device
         self.precision = precision if device.type == "cuda" else "fp32"
         self.embed_dim = int(embed_dim)
@@ -386,16 +394,11 @@ class ForeignExtractor(FeatureExtractor):
         self.preprocessing = dict(preprocessing or {})
         self.extra = dict(extra or {})
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _extra_description(self) -> dict[str, Any]:
         return {
             "model": self.model_name,
             "weights": self.weights_sha256 or RANDOM_WEIGHTS_LABEL,
-            "weights_path": self.spec.get("path"),
+            "weights_path": self.config.get("path"),
             "precision": self.precision,
             "preprocessing": to_jsonable(self.preprocessing),
             **to_jsonable(self.extra),
@@ -403,9 +406,48 @@ class ForeignExtractor(FeatureExtractor):
 
 
 def extractor_device(options: Mapping[str, Any], device: torch.device) -> torch.device:
-    """The spec's ``device`` option (if any) overrides the one build_extractor resolved."""
+    """The config's ``device`` option (if any) overrides the one build_extractor resolved."""
     if "device" not in options or options["device"] is None:
         return device
-    from voxelfm.extract.backbones import resolve_device
-
     return resolve_device(options["device"])
+
+
+# --- building an adapter --------------------------------------------------------------------
+
+
+def build_encoder_model(
+    options: Mapping[str, Any],
+    kind: str,
+    construct: Callable[[], torch.nn.Module],
+    *,
+    load: Callable[[torch.nn.Module, Any], str],
+) -> tuple[torch.nn.Module, str | None]:
+    """An adapter's encoder: built under ``options["seed"]`` (default 0), then loaded.
+
+    The construction forks the CPU RNG, so a random-weights control is the same model
+    whatever ran before it, and the caller's random state is left as it was. A constructor's
+    TypeError / ValueError / KeyError (an architecture override it does not take) becomes a
+    one-line error naming ``kind``.
+
+    Args:
+        options: checked by :func:`foreign_options`.
+        kind: the backbone kind, for messages.
+        construct: builds the model (the architecture bound in, e.g. with functools.partial).
+        load: ``(model, path) -> sha256 of the file``, loading the release's weights
+            (:func:`load_encoder_weights` with the adapter's prefixes, or its own loader).
+
+    Returns:
+        the model and the weight file's sha256 (None for random weights).
+    """
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise VoxelFMError(f"{kind}: seed must be an integer, got {seed!r}")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = construct()
+    except (TypeError, ValueError, KeyError) as error:
+        raise VoxelFMError(f"{kind}: bad architecture option: {error}") from error
+    if options["random_weights"]:
+        return model, None
+    return model, load(model, options["path"])

@@ -78,6 +78,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -85,10 +86,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.extract.backbones import register_backbone
 from voxelfm.extract.foreign.common import (
     AxisMap,
     ForeignExtractor,
+    build_encoder_model,
     center_pad_or_crop,
     extractor_device,
     foreign_options,
@@ -427,9 +428,9 @@ class CTCLIPExtractor(ForeignExtractor):
             raise VoxelFMError(f"{MODEL_NAME}: patch_tokens must be one of {PATCH_TOKEN_KINDS}")
         if int(patch_size) < 1:
             raise VoxelFMError(f"{MODEL_NAME}: patch_size must be >= 1, got {patch_size}")
-        config = model.config
+        architecture = model.config
         super().__init__(
-            embed_dim=config.latent_dim,
+            embed_dim=architecture.latent_dim,
             patch_size=int(patch_size),
             model_name=MODEL_NAME,
             preprocessing={
@@ -437,14 +438,14 @@ class CTCLIPExtractor(ForeignExtractor):
                 "scale": f"1/{HU_SCALE:g}",
                 "axes": "(D, H, W) = (Z, reversed X, reversed Y) (LPS-stored NIfTI order)",
                 "model_spacing_mm_xyz": list(MODEL_SPACING_XYZ),
-                "centre_pad_or_crop": list(config.input_size),
+                "centre_pad_or_crop": list(architecture.input_size),
                 "pad_value": PAD_VALUE,
             },
-            extra={"architecture": asdict(config), "patch_tokens": patch_tokens},
+            extra={"architecture": asdict(architecture), "patch_tokens": patch_tokens},
             **base,
         )
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.config = config
+        self.architecture = architecture
         self.patch_tokens = patch_tokens
 
     def prepare(
@@ -468,7 +469,7 @@ class CTCLIPExtractor(ForeignExtractor):
                 for n, m in zip(x.shape, maps)
             ]
             x = resize_to(x[None, None], size, maps)
-            x = center_pad_or_crop(x, self.config.input_size, PAD_VALUE, maps)
+            x = center_pad_or_crop(x, self.architecture.input_size, PAD_VALUE, maps)
             inputs.append(x[0])
             all_maps.append(maps)
         return torch.stack(inputs), all_maps
@@ -480,7 +481,7 @@ class CTCLIPExtractor(ForeignExtractor):
         grid_tokens = (quantised if self.patch_tokens == "quantized" else tokens).float()
         feature_maps = grid_tokens.permute(0, 4, 1, 2, 3)  # (B, dim, t, h, w)
         grid = [n // self.patch_size for n in hu.shape[-3:]]
-        size = self.config.input_size
+        size = self.architecture.input_size
         patch = torch.stack(
             [
                 sample_feature_grid(feature_maps[b], maps, size, grid, self.patch_size)
@@ -495,28 +496,28 @@ def _resized_length(n: int, ours_mm: float, target_mm: float) -> int:
     return max(1, math.floor(n * ours_mm / target_mm + 1e-6))
 
 
-@register_backbone("ct_clip")
-def build_ct_clip(spec: Mapping[str, Any], device: torch.device, precision: str) -> CTCLIPExtractor:
-    """Spec: ``path`` (CT-CLIP_v2.pt) or ``random_weights: true``; optional ``name``,
+def build_ct_clip(
+    config: Mapping[str, Any], device: torch.device, precision: str
+) -> CTCLIPExtractor:
+    """Config: ``path`` (CT-CLIP_v2.pt) or ``random_weights: true``; optional ``name``,
     ``device``, ``spacing_mm`` (default (0.75, 0.75, 1.5), the model's), ``patch_tokens``
     ("quantized" | "encoder"), ``patch_size`` (20), ``overrides`` (architecture, for tests),
     ``seed`` (random weights)."""
     options = foreign_options(
-        spec, MODEL_NAME, optional=("patch_tokens", "patch_size", "overrides", "seed")
+        config, MODEL_NAME, optional=("patch_tokens", "patch_size", "overrides", "seed")
     )
-    config = CTViTConfig.from_overrides(options.get("overrides"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(options.get("seed", 0)))
-        model = CTCLIPImageEncoder(config)
-    sha256 = None
-    if not options["random_weights"]:
-        sha256 = load_ct_clip_weights(model, options["path"])
+    model, sha256 = build_encoder_model(
+        options,
+        "ct_clip",
+        partial(CTCLIPImageEncoder, CTViTConfig.from_overrides(options.get("overrides"))),
+        load=load_ct_clip_weights,
+    )
     return CTCLIPExtractor(
         model,
         patch_tokens=options.get("patch_tokens", "quantized"),
         patch_size=int(options.get("patch_size", 20)),
         name=options.get("name", "ct_clip"),
-        spec=spec,
+        config=config,
         device=extractor_device(options, device),
         precision=precision,
         spacing_mm=spacing_option(options, MODEL_SPACING_XYZ),

@@ -42,16 +42,17 @@ then ``CropForeground()`` on the scaled image (> 0, i.e. HU > -1024), no resampl
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.extract.backbones import register_backbone
 from voxelfm.extract.foreign.common import (
     AxisMap,
     ForeignExtractor,
+    build_encoder_model,
     extractor_device,
     foreground_box,
     foreign_options,
@@ -188,14 +189,13 @@ class CTFMExtractor(ForeignExtractor):
         }
 
 
-@register_backbone("ct_fm")
-def build_ct_fm(spec: Mapping[str, Any], device: torch.device, precision: str) -> CTFMExtractor:
-    """Spec options: path | random_weights, name, device, preprocessing (``pretraining``
+def build_ct_fm(config: Mapping[str, Any], device: torch.device, precision: str) -> CTFMExtractor:
+    """Config options: path | random_weights, name, device, preprocessing (``pretraining``
     default | ``model_card``), spacing_mm (default (1, 1, 3) for pretraining, None for
     model_card), crop_foreground (true), patch_size (16), overrides (SegResEncoder
     arguments, for tests), seed."""
     options = foreign_options(
-        spec,
+        config,
         MODEL,
         optional=("preprocessing", "crop_foreground", "patch_size", "overrides", "seed"),
     )
@@ -207,22 +207,18 @@ def build_ct_fm(spec: Mapping[str, Any], device: torch.device, precision: str) -
     crop = options.get("crop_foreground", True)
     if not isinstance(crop, bool):
         raise VoxelFMError(f"ct_fm: crop_foreground must be true or false, got {crop!r}")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(options.get("seed", 0)))
-            model = build_encoder(**dict(options.get("overrides") or {}))
-    except (TypeError, ValueError, KeyError) as error:
-        raise VoxelFMError(f"ct_fm: bad architecture option: {error}") from error
-    sha = None
-    if not options["random_weights"]:
-        sha = load_encoder_weights(
-            model,
-            options["path"],
+    model, sha = build_encoder_model(
+        options,
+        "ct_fm",
+        partial(build_encoder, **dict(options.get("overrides") or {})),
+        load=partial(
+            load_encoder_weights,
             model=MODEL,
             download_hint=DOWNLOAD_HINT,
             prefixes=PREFIXES,
             ignore_prefixes=IGNORE_PREFIXES,
-        )
+        ),
+    )
     pretraining = variant == "pretraining"
     spacing = spacing_option(options, PRETRAINING_SPACING_XYZ if pretraining else None)
     crop_text = f"CropForeground on HU > {FOREGROUND_ABOVE_HU[variant]:g}" if crop else "none"
@@ -232,7 +228,7 @@ def build_ct_fm(spec: Mapping[str, Any], device: torch.device, precision: str) -
         crop_foreground=crop,
         patch_size=int(options.get("patch_size", 16)),
         name=options.get("name", "ct_fm"),
-        spec=spec,
+        config=config,
         device=extractor_device(options, device),
         precision=precision,
         spacing_mm=spacing,

@@ -64,6 +64,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -71,10 +72,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from voxelfm.errors import InputError, VoxelFMError
-from voxelfm.extract.backbones import register_backbone
 from voxelfm.extract.foreign.common import (
     AxisMap,
     ForeignExtractor,
+    build_encoder_model,
     extractor_device,
     foreground_box,
     foreign_options,
@@ -301,9 +302,9 @@ class M3DCLIPExtractor(ForeignExtractor):
                 raise VoxelFMError(f"{MODEL_NAME}: hu_window must be [low, high], low < high")
         if int(patch_size) < 1:
             raise VoxelFMError(f"{MODEL_NAME}: patch_size must be >= 1, got {patch_size}")
-        config = model.vision_encoder.config
+        architecture = model.vision_encoder.config
         super().__init__(
-            embed_dim=config.hidden_size,
+            embed_dim=architecture.hidden_size,
             patch_size=int(patch_size),
             model_name=MODEL_NAME,
             preprocessing={
@@ -315,13 +316,13 @@ class M3DCLIPExtractor(ForeignExtractor):
                     else f"HU window {list(hu_window)}, min-max"
                 ),
                 "crop": "foreground (normalised > 0)",
-                "resize": list(config.img_size),
+                "resize": list(architecture.img_size),
             },
-            extra={"architecture": asdict(config), "embedding": embedding},
+            extra={"architecture": asdict(architecture), "embedding": embedding},
             **base,
         )
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.config = config
+        self.architecture = architecture
         self.embedding = embedding
         self.hu_window = hu_window
         self.slice_order = slice_order
@@ -331,7 +332,7 @@ class M3DCLIPExtractor(ForeignExtractor):
     ) -> tuple[Tensor, list[list[AxisMap]]]:
         """(B, 1, X, Y, Z) HU -> (B, 1, D, H, W) model input in [0, 1], and per sample the
         maps of our voxel coordinates onto the model input's axes."""
-        size = self.config.img_size
+        size = self.architecture.img_size
         inputs, all_maps = [], []
         for b in range(hu.shape[0]):
             box = valid_box(None if valid is None else valid[b], hu.shape[-3:])
@@ -358,40 +359,42 @@ class M3DCLIPExtractor(ForeignExtractor):
             projected, tokens = self.model(x)
         projected, tokens = projected.float(), tokens.float()
         cls = projected if self.embedding == "projected" else tokens[:, 0]
-        config = self.config
-        feature_maps = tokens[:, 1:].reshape(x.shape[0], *config.grid, -1).permute(0, 4, 1, 2, 3)
+        feature_maps = (
+            tokens[:, 1:].reshape(x.shape[0], *self.architecture.grid, -1).permute(0, 4, 1, 2, 3)
+        )
         grid = [n // self.patch_size for n in hu.shape[-3:]]
         patch = torch.stack(
             [
-                sample_feature_grid(feature_maps[b], maps, config.img_size, grid, self.patch_size)
+                sample_feature_grid(
+                    feature_maps[b], maps, self.architecture.img_size, grid, self.patch_size
+                )
                 for b, maps in enumerate(all_maps)
             ]
         )
         return cls, patch
 
 
-@register_backbone("m3d_clip")
 def build_m3d_clip(
-    spec: Mapping[str, Any], device: torch.device, precision: str
+    config: Mapping[str, Any], device: torch.device, precision: str
 ) -> M3DCLIPExtractor:
-    """Spec: ``path`` (the release's weights) or ``random_weights: true``; optional ``name``,
+    """Config: ``path`` (the release's weights) or ``random_weights: true``; optional ``name``,
     ``device``, ``spacing_mm`` (default none: the store's), ``embedding`` ("projected" |
     "cls"), ``hu_window`` ([lo, hi]; default: M3D-Seg's foreground normalisation),
     ``slice_order``, ``patch_size`` (16), ``overrides`` (architecture, for tests), ``seed``
     (random weights)."""
     options = foreign_options(
-        spec,
+        config,
         MODEL_NAME,
         optional=("embedding", "hu_window", "slice_order", "patch_size", "overrides", "seed"),
     )
-    config = M3DViTConfig.from_overrides(options.get("overrides"))
+    architecture = M3DViTConfig.from_overrides(options.get("overrides"))
     embedding = options.get("embedding", "projected")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(options.get("seed", 0)))
-        model = M3DCLIPImageEncoder(config)
-    sha256 = None
-    if not options["random_weights"]:
-        sha256 = _load_weights(model, options["path"], embedding)
+    model, sha256 = build_encoder_model(
+        options,
+        "m3d_clip",
+        partial(M3DCLIPImageEncoder, architecture),
+        load=partial(_load_weights, embedding=embedding),
+    )
     return M3DCLIPExtractor(
         model,
         embedding=embedding,
@@ -399,7 +402,7 @@ def build_m3d_clip(
         slice_order=options.get("slice_order", "inferior_first"),
         patch_size=int(options.get("patch_size", 16)),
         name=options.get("name", "m3d_clip"),
-        spec=spec,
+        config=config,
         device=extractor_device(options, device),
         precision=precision,
         spacing_mm=spacing_option(options, None),

@@ -39,6 +39,7 @@ tower), so this module does not use it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,10 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.extract.backbones import register_backbone
 from voxelfm.extract.foreign.common import (
     AxisMap,
     ForeignExtractor,
+    build_encoder_model,
     center_pad_or_crop,
     extractor_device,
     foreign_options,
@@ -223,31 +224,27 @@ class MerlinExtractor(ForeignExtractor):
         return {**super()._extra_description(), "embedding": self.embedding}
 
 
-@register_backbone("merlin")
-def build_merlin(spec: Mapping[str, Any], device: torch.device, precision: str) -> MerlinExtractor:
-    """Spec options: path | random_weights, name, device, spacing_mm, embedding ("image" |
-    "contrastive"), patch_size (16), input_size ([224, 224, 160]), architecture (constructor
-    overrides of MerlinImageEncoder: layers, width, num_phenotypes, projection_dim), seed."""
+def build_merlin(
+    config: Mapping[str, Any], device: torch.device, precision: str
+) -> MerlinExtractor:
+    """Config options: path | random_weights, name, device, spacing_mm, embedding ("image" |
+    "contrastive"), patch_size (16), input_size ([224, 224, 160]), overrides (constructor
+    arguments of MerlinImageEncoder: layers, width, num_phenotypes, projection_dim), seed."""
     options = foreign_options(
-        spec, MODEL, optional=("embedding", "patch_size", "input_size", "overrides", "seed")
+        config, MODEL, optional=("embedding", "patch_size", "input_size", "overrides", "seed")
     )
-    architecture = dict(options.get("overrides") or {})
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(options.get("seed", 0)))
-            model = MerlinImageEncoder(**architecture)
-    except TypeError as error:
-        raise VoxelFMError(f"merlin: bad architecture option: {error}") from error
-    sha = None
-    if not options["random_weights"]:
-        sha = load_encoder_weights(
-            model,
-            options["path"],
+    model, sha = build_encoder_model(
+        options,
+        "merlin",
+        partial(MerlinImageEncoder, **dict(options.get("overrides") or {})),
+        load=partial(
+            load_encoder_weights,
             model=MODEL,
             download_hint=DOWNLOAD_HINT,
             prefixes=PREFIXES,
             ignore_prefixes=IGNORE_PREFIXES,
-        )
+        ),
+    )
     input_size = tuple(int(n) for n in options.get("input_size", INPUT_SIZE))
     if len(input_size) != 3 or input_size[0] % 32 or input_size[1] % 32 or input_size[2] % 16:
         raise VoxelFMError(
@@ -259,7 +256,7 @@ def build_merlin(spec: Mapping[str, Any], device: torch.device, precision: str) 
         input_size=input_size,
         patch_size=int(options.get("patch_size", 16)),
         name=options.get("name", "merlin"),
-        spec=spec,
+        config=config,
         device=extractor_device(options, device),
         precision=precision,
         spacing_mm=spacing_option(options, SPACING_MM),

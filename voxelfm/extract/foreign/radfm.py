@@ -43,6 +43,7 @@ the 3D inference recipe used with it resizes to 256 x 256 x (up to 64) slices):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -50,10 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.extract.backbones import register_backbone
 from voxelfm.extract.foreign.common import (
     AxisMap,
     ForeignExtractor,
+    build_encoder_model,
     extractor_device,
     foreign_options,
     load_encoder_weights,
@@ -311,33 +312,28 @@ class RadFMExtractor(ForeignExtractor):
         return {**super()._extra_description(), "embedding": "mean of the ViT output tokens"}
 
 
-@register_backbone("radfm")
-def build_radfm(spec: Mapping[str, Any], device: torch.device, precision: str) -> RadFMExtractor:
-    """Spec options: path | random_weights, name, device, spacing_mm (None), image_size (256),
-    max_frames (64), hu_window (None = min-max), patch_size (16), architecture (RadFMViT3D
-    overrides, for tests), seed."""
+def build_radfm(config: Mapping[str, Any], device: torch.device, precision: str) -> RadFMExtractor:
+    """Config options: path | random_weights, name, device, spacing_mm (None), image_size (256),
+    max_frames (64), hu_window (None = min-max), patch_size (16), overrides (of RadFMViT3D's
+    arguments, for tests), seed."""
     options = foreign_options(
-        spec,
+        config,
         MODEL,
         optional=("image_size", "max_frames", "hu_window", "patch_size", "overrides", "seed"),
     )
     architecture = {**RELEASE, **dict(options.get("overrides") or {})}
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(options.get("seed", 0)))
-            model = RadFMViT3D(**architecture)
-    except (TypeError, ValueError) as error:
-        raise VoxelFMError(f"radfm: bad architecture option: {error}") from error
-    sha = None
-    if not options["random_weights"]:
-        sha = load_encoder_weights(
-            model,
-            options["path"],
+    model, sha = build_encoder_model(
+        options,
+        "radfm",
+        partial(RadFMViT3D, **architecture),
+        load=partial(
+            load_encoder_weights,
             model=MODEL,
             download_hint=DOWNLOAD_HINT,
             prefixes=PREFIXES,
             ignore_prefixes=IGNORE_PREFIXES,
-        )
+        ),
+    )
     image_size = int(options.get("image_size", 256))
     max_frames = int(options.get("max_frames", 64))
     if image_size % model.patch[0] or image_size > architecture["image_size"]:
@@ -360,7 +356,7 @@ def build_radfm(spec: Mapping[str, Any], device: torch.device, precision: str) -
         hu_window=hu_window,
         patch_size=int(options.get("patch_size", 16)),
         name=options.get("name", "radfm"),
-        spec=spec,
+        config=config,
         device=extractor_device(options, device),
         precision=precision,
         spacing_mm=spacing_option(options, None),

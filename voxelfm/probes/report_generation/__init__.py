@@ -21,7 +21,7 @@ from voxelfm.probes.report_generation.decoder import (
 from voxelfm.probes.report_generation.decoding import beam_search, decode, greedy_decode
 from voxelfm.probes.report_generation.llm import LLMProbe, LLMSettings, fit_llm, load_causal_lm
 from voxelfm.probes.report_generation.nearest import NearestNeighbourProbe, fit_nearest_neighbour
-from voxelfm.probes.report_generation.options import ReportOptions
+from voxelfm.probes.report_generation.options import ReportSettings
 from voxelfm.probes.report_generation.tokenizer import ReportTokenizer
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
     "LLMProbe",
     "LLMSettings",
     "NearestNeighbourProbe",
-    "ReportOptions",
+    "ReportSettings",
     "ReportTokenizer",
     "beam_search",
     "decode",

@@ -54,8 +54,9 @@ _FRACTIONS = ("dropout", "lora_dropout")
 
 
 @dataclass(frozen=True)
-class ReportOptions:
-    """Validated options of one report_generation task (defaults in the module docstring)."""
+class ReportSettings:
+    """The settings of one report_generation task, checked from its ``options`` (defaults in
+    the module docstring)."""
 
     n_visual_tokens: int = 8
     visual_inputs: str = "auto"
@@ -86,7 +87,7 @@ class ReportOptions:
     @classmethod
     def from_mapping(
         cls, options: Mapping[str, Any], *, task: str = "report_generation", probes=()
-    ) -> ReportOptions:
+    ) -> ReportSettings:
         """Check ``options``; ``probes`` are the task's probes (llm needs ``llm_path``)."""
         where = f"task {task!r}: options"
         known = {f.name for f in fields(cls)}
