@@ -161,13 +161,13 @@ def bench_config(
     batch_size: int | None,
 ) -> dict[str, Any]:
     """A resolved SSL config for one variant: the recipe, one micro-batch per step."""
-    cfg = resolve_ssl_config(base_overrides)
-    batch = batch_size or cfg["train"]["batch_size_per_gpu"]
-    model = {"overrides": {**cfg["model"]["overrides"], "attention_impl": variant.attention}}
+    config = resolve_ssl_config(base_overrides)
+    batch = batch_size or config["train"]["batch_size_per_gpu"]
+    model = {"overrides": {**config["model"]["overrides"], "attention_impl": variant.attention}}
     if preset:
         model["preset"] = preset
     return merge_overrides(
-        cfg,
+        config,
         {
             "model": model,
             "train": {
@@ -181,15 +181,15 @@ def bench_config(
 
 
 def synthetic_batches(
-    cfg: Mapping[str, Any], patch_size: int, n_batches: int, device: torch.device, seed: int = 0
+    config: Mapping[str, Any], patch_size: int, n_batches: int, device: torch.device, seed: int = 0
 ) -> list[dict[str, torch.Tensor]]:
     """Random-crop micro-batches as the SSL collate function builds them (with iBOT block
     masks drawn by the recipe's masking settings), moved to ``device`` once."""
-    crops = cfg["crops"]
+    crops = config["crops"]
     global_size, local_size = crops["global_crops_size"], crops["local_crops_size"]
     n_local = crops["local_crops_number"]
-    batch_size = cfg["train"]["batch_size_per_gpu"]
-    masking = SSLSettings.from_config(cfg).ibot.masking
+    batch_size = config["train"]["batch_size_per_gpu"]
+    masking = SSLSettings.from_config(config).ibot.masking
     cells = global_size // patch_size
     mask_generator = BlockMaskGenerator3D(
         (cells,) * 3, min_block_patches=masking.min_block_patches, min_aspect=masking.min_aspect
@@ -240,25 +240,25 @@ class StepShape:
     n_local: int
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], backbone: torch.nn.Module) -> StepShape:
+    def from_config(cls, config: Mapping[str, Any], backbone: torch.nn.Module) -> StepShape:
         arch = backbone.architecture
         dim, patch = arch["embed_dim"], arch["patch_size"]
-        crops = cfg["crops"]
+        crops = config["crops"]
 
         def widths(head: Mapping[str, Any]) -> tuple[int, ...]:
             hidden = [head["head_hidden_dim"]] * (head["head_nlayers"] - 1)
             return (dim, *hidden, head["head_bottleneck_dim"], head["head_n_prototypes"])
 
-        ibot_head = cfg["ibot"] if cfg["ibot"]["separate_head"] else cfg["dino"]
+        ibot_head = config["ibot"] if config["ibot"]["separate_head"] else config["dino"]
         return cls(
             embed_dim=dim,
             depth=arch["depth"],
             mlp_hidden=int(dim * arch["mlp_ratio"]),
             patch_size=patch,
             prefix_tokens=1 + arch["num_register_tokens"],
-            head_widths=widths(cfg["dino"]),
+            head_widths=widths(config["dino"]),
             ibot_head_widths=widths(ibot_head),
-            batch_size=cfg["train"]["batch_size_per_gpu"],
+            batch_size=config["train"]["batch_size_per_gpu"],
             global_patches=(crops["global_crops_size"] // patch) ** 3,
             local_patches=(crops["local_crops_size"] // patch) ** 3,
             n_local=crops["local_crops_number"],
@@ -318,22 +318,24 @@ def mean_masked_patches(batches: list[dict[str, torch.Tensor]]) -> float:
 # --- running steps ---------------------------------------------------------------------
 
 
-def representative_iteration(cfg: Mapping[str, Any]) -> int:
+def representative_iteration(config: Mapping[str, Any]) -> int:
     """Mid-schedule: lr past warm-up, last layer unfrozen, so every update is live."""
-    return cfg["train"]["epochs"] * cfg["train"]["official_epoch_length"] // 2
+    return config["train"]["epochs"] * config["train"]["official_epoch_length"] // 2
 
 
 class Runner:
     """One variant's Pretrainer with its batches; ``steps(n)`` runs n real train steps."""
 
-    def __init__(self, variant: Variant, cfg: dict[str, Any], device: torch.device, n_batches: int):
+    def __init__(
+        self, variant: Variant, config: dict[str, Any], device: torch.device, n_batches: int
+    ):
         self.variant = variant
-        self.cfg = cfg
+        self.config = config
         self.device = device
         self._work = tempfile.TemporaryDirectory(prefix="bench_training_")
         with self.precision_context():
             self.trainer = Pretrainer(
-                cfg,
+                config,
                 Path(self._work.name),
                 DistributedContext(rank=0, world_size=1, device=device),
                 progress=False,
@@ -343,9 +345,9 @@ class Runner:
             for branch in (self.trainer.model.student, self.trainer.model.teacher):
                 # In place: parameter names stay unprefixed, so the EMA pairing still works.
                 branch["backbone"].compile(dynamic=False)
-        self.batches = synthetic_batches(cfg, backbone.patch_size, n_batches, device)
-        self.shape = StepShape.from_config(cfg, backbone)
-        self.iteration = representative_iteration(cfg)
+        self.batches = synthetic_batches(config, backbone.patch_size, n_batches, device)
+        self.shape = StepShape.from_config(config, backbone)
+        self.iteration = representative_iteration(config)
         self._next = 0
 
     @contextlib.contextmanager
@@ -406,11 +408,11 @@ def measure(args: argparse.Namespace, variants: list[Variant], device: torch.dev
 
     def build(variant: Variant) -> Runner | None:
         nonlocal shape, masked
-        cfg = bench_config(base, variant, preset=args.preset, batch_size=args.batch_size)
+        config = bench_config(base, variant, preset=args.preset, batch_size=args.batch_size)
         try:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            runner = Runner(variant, cfg, device, args.batches)
+            runner = Runner(variant, config, device, args.batches)
             runner.steps(args.warmup)
         except torch.OutOfMemoryError as error:
             results[variant.name].error = f"OOM ({str(error).splitlines()[0][:60]})"
@@ -589,8 +591,8 @@ def check_flops(batch_size: int = 4) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     variant = Variant.parse("fp32-eager")
-    cfg = bench_config(CHECK_OVERRIDES, variant, preset=None, batch_size=batch_size)
-    runner = Runner(variant, cfg, torch.device("cpu"), n_batches=1)
+    config = bench_config(CHECK_OVERRIDES, variant, preset=None, batch_size=batch_size)
+    runner = Runner(variant, config, torch.device("cpu"), n_batches=1)
     try:
         with FlopCounterMode(display=False) as counter:
             runner.steps(1)

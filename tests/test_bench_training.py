@@ -79,11 +79,13 @@ def test_paper_recipe_shape_and_variants(bench):
     )
     with pytest.raises(ValueError):
         bench.Variant.parse("fp16-flash")
-    cfg = bench.bench_config(bench.recipe_overrides("paper"), variant, preset=None, batch_size=None)
-    assert cfg["model"]["overrides"]["attention_impl"] == "sdpa"
+    config = bench.bench_config(
+        bench.recipe_overrides("paper"), variant, preset=None, batch_size=None
+    )
+    assert config["model"]["overrides"]["attention_impl"] == "sdpa"
     with torch.device("meta"):
-        backbone = build_vit(cfg["model"]["preset"])
-    shape = bench.StepShape.from_config(cfg, backbone)
+        backbone = build_vit(config["model"]["preset"])
+    shape = bench.StepShape.from_config(config, backbone)
     # ViT-B/14, 2 x 112^3 + 8 x 56^3: 2 x (5 + 512) + 8 x (5 + 64) tokens, batch 16.
     assert shape.student_tokens_per_sample() == 1586 and shape.batch_size == 16
     flops = bench.step_flops(shape, masked_patches=0.0)
