@@ -18,12 +18,15 @@ from voxelfm.probes.registry import PROBE_FITTERS, evaluate, metric_functions, p
     ("task", "name"), [(t, n) for t, names in PROBE_FITTERS.items() for n in names]
 )
 def test_fitters_take_train_and_validation_arrays_only(task, name):
-    """Selection cannot see test rows: no fitter has a parameter to receive them."""
-    parameters = list(inspect.signature(probe_fitter(task, name)).parameters.values())
-    positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
-    assert [p.rsplit("_", 1)[1] for p in positional] == ["train", "train", "val", "val"]
-    assert not any("test" in p.name for p in parameters)
-    assert "seed" in {p.name for p in parameters if p.kind is p.KEYWORD_ONLY}
+    """Selection cannot see test rows: neither the registry's entry nor the fitter it loads
+    has a parameter to receive them."""
+    entry = probe_fitter(task, name)
+    for fitter in (entry, entry.load()):
+        parameters = list(inspect.signature(fitter).parameters.values())
+        positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert [p.rsplit("_", 1)[1] for p in positional] == ["train", "train", "val", "val"]
+        assert not any("test" in p.name for p in parameters)
+        assert "seed" in {p.name for p in parameters if p.kind is p.KEYWORD_ONLY}
 
 
 def test_unknown_probe_lists_the_known_ones():
@@ -47,3 +50,18 @@ def test_importing_the_classical_probes_does_not_import_torch():
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_task_categories_import_no_probe_library():
+    """The Snakefile parses the task categories on every job: sklearn, scipy.stats, lifelines
+    and torch load when a probe runs, not when the categories are read."""
+    code = (
+        "import sys\n"
+        "import voxelfm.evaluation.tasks\n"
+        "heavy = ('sklearn', 'scipy.stats', 'lifelines', 'torch', 'matplotlib')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    )
+    assert result.stdout.split() == []

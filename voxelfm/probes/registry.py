@@ -1,89 +1,101 @@
 """Probes by name, and the single place where test data meets a fitted probe.
 
 Every fitter has the signature ``(X_train, y_train, X_val, y_val, *, seed, **hyper-parameters)
--> FittedProbe``. The network probes import torch when they are fitted, not when this module
-is imported: their entries below are thin functions that import the probe module on call, so
-that the classical probes, the bootstrap and the report run without torch.
+-> FittedProbe``. The probe modules import their heavy libraries (sklearn, scipy, lifelines,
+torch) at the top; this table reaches each one through a loader called when a probe is fitted
+or scored, never when the table is imported. The Snakefile reads the task categories, and
+through them this table, at parse time (once per job on a cluster), and the classical probes,
+the bootstrap and the report run without torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from voxelfm.errors import VoxelFMError
-from voxelfm.probes import classification, regression, survival
 from voxelfm.probes.fitted import FittedProbe, Task
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 Fitter = Callable[..., FittedProbe]
 
 
-def fit_select_attentive(
-    tokens_train: np.ndarray,
-    y_train: np.ndarray,
-    tokens_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    seed: int = 0,
-    **hyperparameters: Any,
-) -> FittedProbe:
-    """``voxelfm.probes.attentive.fit_select_attentive`` (imports torch on call)."""
+# Each loader imports one probe module on call: the deferred import is the point (see above).
+def _classification() -> ModuleType:
+    from voxelfm.probes import classification
+
+    return classification
+
+
+def _regression() -> ModuleType:
+    from voxelfm.probes import regression
+
+    return regression
+
+
+def _survival() -> ModuleType:
+    from voxelfm.probes import survival
+
+    return survival
+
+
+def _attentive() -> ModuleType:
     from voxelfm.probes import attentive
 
-    return attentive.fit_select_attentive(
-        tokens_train, y_train, tokens_val, y_val, seed=seed, **hyperparameters
-    )
+    return attentive
 
 
-def fit_select_mlp_regressor(
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    seed: int = 0,
-    **hyperparameters: Any,
-) -> FittedProbe:
-    """``voxelfm.probes.mlp_regression.fit_select_mlp_regressor`` (imports torch on call)."""
+def _mlp_regression() -> ModuleType:
     from voxelfm.probes import mlp_regression
 
-    return mlp_regression.fit_select_mlp_regressor(
-        X_train, y_train, X_val, y_val, seed=seed, **hyperparameters
-    )
+    return mlp_regression
 
 
-def fit_select_mlp_cox(
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_val: np.ndarray,
-    y_val: np.ndarray,
-    *,
-    seed: int = 0,
-    **hyperparameters: Any,
-) -> FittedProbe:
-    """``voxelfm.probes.cox_mlp.fit_select_mlp_cox`` (imports torch on call)."""
+def _cox_mlp() -> ModuleType:
     from voxelfm.probes import cox_mlp
 
-    return cox_mlp.fit_select_mlp_cox(X_train, y_train, X_val, y_val, seed=seed, **hyperparameters)
+    return cox_mlp
+
+
+def _on_call(load: Callable[[], Fitter]) -> Fitter:
+    """A fitter that loads the real one (importing its module) when called.
+
+    It passes on the train and validation arrays only, so test rows cannot reach selection
+    through the registry; ``fit.load()`` gives the real fitter (its signature is tested too).
+    """
+
+    def fit(
+        X_train: np.ndarray,
+        y_train: np.ndarray,
+        X_val: np.ndarray,
+        y_val: np.ndarray,
+        *,
+        seed: int = 0,
+        **hyperparameters: Any,
+    ) -> FittedProbe:
+        return load()(X_train, y_train, X_val, y_val, seed=seed, **hyperparameters)
+
+    fit.load = load  # type: ignore[attr-defined]
+    return fit
 
 
 # task -> probe name -> fitter.
 PROBE_FITTERS: dict[str, dict[str, Fitter]] = {
     "classification": {
-        "logistic": classification.fit_select_logistic,
-        "knn": classification.fit_select_knn,
-        "attentive": fit_select_attentive,
+        "logistic": _on_call(lambda: _classification().fit_select_logistic),
+        "knn": _on_call(lambda: _classification().fit_select_knn),
+        "attentive": _on_call(lambda: _attentive().fit_select_attentive),
     },
     "regression": {
-        "ridge": regression.fit_select_ridge,
-        "mlp": fit_select_mlp_regressor,
+        "ridge": _on_call(lambda: _regression().fit_select_ridge),
+        "mlp": _on_call(lambda: _mlp_regression().fit_select_mlp_regressor),
     },
     "survival": {
-        "cox": survival.fit_select_cox,
-        "mlp_cox": fit_select_mlp_cox,
+        "cox": _on_call(lambda: _survival().fit_select_cox),
+        "mlp_cox": _on_call(lambda: _cox_mlp().fit_select_mlp_cox),
     },
 }
 # Probes that read patch tokens (pooled to a fixed grid) instead of one vector per scan.
@@ -102,10 +114,10 @@ def probe_fitter(task: Task, name: str) -> Fitter:
 def metric_functions(probe: FittedProbe) -> dict[str, MetricFn]:
     """The test metrics of ``probe``'s task as ``(y_true, scores) -> float``."""
     if probe.task == "classification":
-        return classification.metric_functions(probe.decision_threshold)
+        return _classification().metric_functions(probe.decision_threshold)
     if probe.task == "regression":
-        return regression.metric_functions()
-    return survival.metric_functions()
+        return _regression().metric_functions()
+    return _survival().metric_functions()
 
 
 def evaluate(probe: FittedProbe, X_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:

@@ -24,12 +24,20 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics.pairwise import cosine_similarity
 
 from voxelfm.errors import VoxelFMError
 
 N_NEGATIVES = 99
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+
+
+def _cosine_similarity(queries: np.ndarray, gallery: np.ndarray | None = None) -> np.ndarray:
+    """(q, n) cosine similarities (sklearn's: zero vectors give 0; no gallery: the queries)."""
+    # Imported on call: the Snakefile reaches this module at parse time through the task
+    # categories, and sklearn takes longer to import than the rest of the parse.
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    return cosine_similarity(queries, gallery)
 
 
 def recall_hits(ranks: np.ndarray, ks: Iterable[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
@@ -67,7 +75,7 @@ def instance_gallery_ranks(X: np.ndarray, patient_ids: Sequence, seed: int = 0) 
     queries = _patients_with_several_scans(patient_ids)
     if len(queries) == 0:
         raise VoxelFMError("instance retrieval needs at least one patient with two or more scans")
-    similarity = cosine_similarity(X[queries], X)  # (q, n)
+    similarity = _cosine_similarity(X[queries], X)  # (q, n)
     similarity[np.arange(len(queries)), queries] = -np.inf  # the query never retrieves itself
     random_tie_break = np.random.default_rng(seed).random(similarity.shape)
     # lexsort: the last key is primary, so order by descending similarity, then random.
@@ -138,7 +146,7 @@ def instance_pool_trials(
     queries = _patients_with_several_scans(patient_ids)
     if len(queries) == 0:
         raise VoxelFMError("instance retrieval needs at least one patient with two or more scans")
-    similarity = cosine_similarity(X[queries], X)  # (q, n)
+    similarity = _cosine_similarity(X[queries], X)  # (q, n)
     rng = np.random.default_rng(seed)
     frames = []
     for row, query in enumerate(queries):
@@ -184,7 +192,7 @@ def label_pool_trials(
     names = (
         list(label_names) if label_names is not None else [str(i) for i in range(labels.shape[1])]
     )
-    similarity = cosine_similarity(X)  # (n, n)
+    similarity = _cosine_similarity(X)  # (n, n)
     rng = np.random.default_rng(seed)
     frames = []
     for column in np.argsort(-labels.sum(0), kind="stable"):
