@@ -50,18 +50,3 @@ def test_importing_the_classical_probes_does_not_import_torch():
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_the_task_categories_import_no_probe_library():
-    """The Snakefile parses the task categories on every job: sklearn, scipy.stats, lifelines
-    and torch load when a probe runs, not when the categories are read."""
-    code = (
-        "import sys\n"
-        "import voxelfm.evaluation.tasks\n"
-        "heavy = ('sklearn', 'scipy.stats', 'lifelines', 'torch', 'matplotlib')\n"
-        "print(' '.join(m for m in heavy if m in sys.modules))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True
-    )
-    assert result.stdout.split() == []

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from voxelfm.errors import VoxelFMError
+from voxelfm.synth.tables import SCAN_TABLES
 
 _ENV_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 LABEL_TABLE_FILE = "labels.csv"
@@ -127,9 +128,7 @@ def task_problems(
 
 def synthetic_columns(table: str) -> list[str]:
     """The columns the synthetic cohort generator writes into ``table``."""
-    from voxelfm.synth.cohort import _SCAN_TABLES  # the generator's own list, not a copy
-
-    return list(_SCAN_TABLES[table])
+    return list(SCAN_TABLES[table])
 
 
 def _label_file(path: str | os.PathLike) -> Path:

@@ -42,6 +42,7 @@ from voxelfm.synth.outcomes import (
 from voxelfm.synth.protocol import ScanPlan, draw_scan_plan
 from voxelfm.synth.render import RenderedScan, render_scan
 from voxelfm.synth.report import write_report
+from voxelfm.synth.tables import SCAN_TABLES
 from voxelfm.synth.writers import dicom_reading_order, save_dicom, save_nifti
 
 GENERATOR_VERSION = 1
@@ -49,36 +50,6 @@ MARKER_FILE = "cohort.json"  # present only in a finished cohort
 
 # Independent random streams: cohort-level choices, patients, scans.
 _COHORT_STREAM, _PATIENT_STREAM, _SCAN_STREAM = 0, 1, 2
-
-_IDS = ["scan_id", "patient_id"]
-_SCAN_TABLES = {
-    "manifest.csv": [*_IDS, "image", "label_seg"],
-    "labels.csv": [
-        *_IDS,
-        "finding",
-        "target",
-        "survival_time",
-        "event",
-        "lesion_x_mm",
-        "lesion_y_mm",
-        "lesion_z_mm",
-        "n_lesions",
-        "report",
-        "split",
-    ],
-    "acquisitions.csv": [
-        *_IDS,
-        "format",
-        "axcodes",
-        "shape",
-        "spacing_mm",
-        "oblique_deg",
-        "noise_sd_hu",
-        "contrast_phase",
-        "lesion_growth",
-        "encoding",
-    ],
-}
 
 
 def generate_cohort(
@@ -176,7 +147,7 @@ def _write_cohort(
     # A patient's stratum is its baseline finding: repeat scans follow their patient.
     baseline_finding = scan_table.groupby("patient_id")["finding"].transform("first")
     scan_table["split"] = suggest_splits(scan_table["patient_id"], baseline_finding, seed)
-    for name, columns in _SCAN_TABLES.items():
+    for name, columns in SCAN_TABLES.items():
         scan_table[columns].to_csv(root / name, index=False)
     pd.DataFrame(patient_rows).to_csv(root / "patients.csv", index=False)
     label_names = {"0": "background", **{str(value): name for name, value in LABELS.items()}}
